@@ -1,0 +1,152 @@
+"""The service model: validation names the field and the value; JSON round-trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from registry import Endpoint, Location, NetworkInfo, ServiceEntry, ServiceState, ValidationError
+
+
+def seed_entry() -> ServiceEntry:
+    return ServiceEntry(
+        "postgres",
+        "docker-host",
+        Location.LOCAL,
+        NetworkInfo("127.0.0.1"),
+        ServiceState.RUNNING,
+        (Endpoint("db", 5432),),
+    )
+
+
+def test_wire_shape_matches_the_seed_example() -> None:
+    data = seed_entry().to_dict()
+    assert data["service_name"] == "postgres"
+    assert data["host_id"] == "docker-host"
+    assert data["location"] == "local"
+    assert data["state"] == "running"
+    assert data["endpoints"] == [{"name": "db", "port": 5432, "protocol": "tcp"}]
+    assert data["network_info"] == {"ip": "127.0.0.1", "hostname": None, "network": None}
+    json.dumps(data)  # plain JSON, nothing exotic
+
+
+def test_from_dict_accepts_the_seed_example_verbatim() -> None:
+    seed = {
+        "service_name": "postgres",
+        "host_id": "docker-host",
+        "location": "local",
+        "state": "running",
+        "endpoints": [{"name": "db", "port": 5432}],
+        "network_info": {"ip": "127.0.0.1"},
+    }
+    entry = ServiceEntry.from_dict(seed)
+    assert entry == seed_entry()
+    assert ServiceEntry.from_dict(entry.to_dict()) == entry
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "fragment"),
+    [
+        ({"service_name": "API"}, "service_name", "'API'"),
+        ({"service_name": "-api"}, "service_name", "'-api'"),
+        ({"service_name": "a" * 64}, "service_name", "1-63"),
+        ({"service_name": 7}, "service_name", "must be a string"),
+        ({"host_id": ""}, "host_id", "''"),
+        ({"host_id": "bad host"}, "host_id", "'bad host'"),
+        ({"host_id": "a/b"}, "host_id", "'a/b'"),
+        ({"location": "moon"}, "location", "'moon'"),
+        ({"state": "sleeping"}, "state", "'sleeping'"),
+        ({"network_info": {"ip": "300.1.1.1"}}, "network_info.ip", "'300.1.1.1'"),
+        ({"network_info": {"ip": "0.0.0.0"}}, "network_info.ip", "unspecified"),
+        ({"network_info": {"ip": "10.0.0.1"}}, "network_info.ip", "loopback"),
+        ({"location": "lan", "network_info": {"ip": "127.0.0.5"}}, "network_info.ip", "use location 'local'"),
+        ({"network_info": {"ip": "127.0.0.1", "hostname": "bad_host!"}}, "network_info.hostname", "bad_host!"),
+        ({"network_info": {"ip": "127.0.0.1", "netmask": "x"}}, "network_info.netmask", "netmask"),
+        ({"network_info": {}}, "network_info.ip", "required"),
+        ({"endpoints": [{"name": "db", "port": 0}]}, "endpoints.port", "port 0"),
+        ({"endpoints": [{"name": "db", "port": 65536}]}, "endpoints.port", "65536"),
+        ({"endpoints": [{"name": "db", "port": "80"}]}, "endpoints.port", "'80'"),
+        ({"endpoints": [{"name": "db", "port": True}]}, "endpoints.port", "True"),
+        ({"endpoints": [{"name": "db", "port": 1, "protocol": "sctp"}]}, "endpoints.protocol", "'sctp'"),
+        ({"endpoints": [{"name": "Db!", "port": 1}]}, "endpoints.name", "'Db!'"),
+        ({"endpoints": [{"name": "db", "port": 1}, {"name": "db", "port": 2}]}, "endpoints", "used twice"),
+        ({"endpoints": [{"port": 1}]}, "endpoints", "both 'name' and 'port'"),
+        ({"endpoints": "db:5432"}, "endpoints", "must be a list"),
+        ({"tags": "web"}, "tags", "list of strings"),
+        ({"tags": [""]}, "tags", "1-255"),
+        ({"metadata": {"k": 1}}, "metadata.k", "must be a string"),
+        ({"metadata": {"bad key": "v"}}, "metadata", "'bad key'"),
+        ({"metadata": ["a"]}, "metadata", "must be an object"),
+        ({"ttl_seconds": 0}, "ttl_seconds", "out of range"),
+        ({"ttl_seconds": -5}, "ttl_seconds", "out of range"),
+        ({"ttl_seconds": float("nan")}, "ttl_seconds", "out of range"),
+        ({"ttl_seconds": "10"}, "ttl_seconds", "number of seconds"),
+        ({"deregister_after_seconds": 1e9}, "deregister_after_seconds", "out of range"),
+        ({"version": ""}, "version", "1-128"),
+        ({"mod_revision": -1}, "mod_revision", "non-negative"),
+        ({"surprise": 1}, "surprise", "unknown field"),
+    ],
+)
+def test_bad_input_names_field_and_value(changes: dict[str, object], field: str, fragment: str) -> None:
+    data = seed_entry().to_dict()
+    data.update(changes)
+    with pytest.raises(ValidationError) as caught:
+        ServiceEntry.from_dict(data)
+    assert caught.value.field == field
+    assert fragment in str(caught.value)
+    assert caught.value.to_dict()["code"] == "bad_request"
+
+
+def test_missing_required_fields_are_named() -> None:
+    with pytest.raises(ValidationError, match=r"missing required field.*host_id.*location"):
+        ServiceEntry.from_dict({"service_name": "x", "network_info": {"ip": "127.0.0.1"}})
+    with pytest.raises(ValidationError, match="must be an object"):
+        ServiceEntry.from_dict(["not", "a", "dict"])
+
+
+def test_ipv6_loopback_is_local_and_addresses_are_normalised() -> None:
+    entry = ServiceEntry("api", "h", "local", {"ip": "0:0:0:0:0:0:0:1"})  # type: ignore[arg-type]
+    assert entry.network_info.ip == "::1"
+    assert entry.location is Location.LOCAL
+
+
+def test_entries_are_immutable() -> None:
+    entry = seed_entry()
+    with pytest.raises(AttributeError):
+        entry.state = ServiceState.FAILED  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        entry.metadata["x"] = "y"  # type: ignore[index]
+
+
+def test_duplicate_tags_are_folded_in_order() -> None:
+    entry = seed_entry().evolve(tags=["b", "a", "b"])
+    assert entry.tags == ("b", "a")
+
+
+names = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
+entries = st.builds(
+    ServiceEntry,
+    service_name=names,
+    host_id=st.from_regex(r"[A-Za-z0-9]([A-Za-z0-9_.:-]{0,20}[A-Za-z0-9])?", fullmatch=True),
+    location=st.just(Location.LAN),
+    network_info=st.builds(NetworkInfo, ip=st.ip_addresses(v=4, network="10.0.0.0/8").map(str)),
+    state=st.sampled_from(ServiceState),
+    endpoints=st.lists(
+        st.builds(Endpoint, name=names, port=st.integers(1, 65535), protocol=st.sampled_from(["tcp", "udp"])),
+        max_size=4,
+        unique_by=lambda endpoint: endpoint.name,
+    ).map(tuple),
+    tags=st.lists(st.text(min_size=1, max_size=10), max_size=5, unique=True).map(tuple),
+    metadata=st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), st.text(max_size=20), max_size=4),
+    ttl_seconds=st.none() | st.floats(0.5, 3600),
+    version=st.none() | st.text(min_size=1, max_size=10),
+)
+
+
+@given(entries)
+def test_json_round_trip_is_exact(entry: ServiceEntry) -> None:
+    wire = json.loads(json.dumps(entry.to_dict()))
+    assert ServiceEntry.from_dict(wire) == entry
