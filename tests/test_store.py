@@ -1,0 +1,244 @@
+"""The storage seam: both stores behave alike; the sqlite one is durable and refuses bad files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from registry import MemoryStore, Registry, SqliteStore, Store, StoreError
+
+from .helpers import make_entry
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    store: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "s.db")
+    yield store
+    store.close()
+
+
+def test_put_get_delete_scan(store: Store) -> None:
+    store.put("services", "b/h", {"n": 2})
+    store.put("services", "a/h", {"n": 1, "nested": [1, "x", None]})
+    store.commit()
+    assert store.get("services", "a/h") == {"n": 1, "nested": [1, "x", None]}
+    assert store.get("services", "missing") is None
+    assert list(store.scan("services")) == [("a/h", {"n": 1, "nested": [1, "x", None]}), ("b/h", {"n": 2})]
+    store.delete("services", "a/h")
+    store.delete("services", "never-there")
+    store.commit()
+    assert [key for key, _ in store.scan("services")] == ["b/h"]
+
+
+def test_delete_below_trims_in_key_order(store: Store) -> None:
+    for revision in range(1, 21):
+        store.put("events", f"{revision:020d}", {"revision": revision})
+    store.delete_below("events", f"{15:020d}")
+    store.commit()
+    assert [value["revision"] for _, value in store.scan("events")] == list(range(15, 21))
+
+
+def test_tables_are_separate_and_unknown_tables_refused(store: Store) -> None:
+    store.put("services", "k", 1)
+    store.put("allocations", "k", 2)
+    assert store.get("services", "k") == 1
+    assert store.get("allocations", "k") == 2
+    with pytest.raises(StoreError, match="unknown store table 'nope'"):
+        store.put("nope", "k", 1)
+
+
+def test_values_must_be_json(store: Store) -> None:
+    with pytest.raises(StoreError, match="cannot be stored as JSON"):
+        store.put("services", "k", {1, 2})
+    with pytest.raises(StoreError, match="cannot be stored as JSON"):
+        store.put("services", "k", float("nan"))
+
+
+def test_closed_store_refuses_calls(store: Store) -> None:
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.put("services", "k", 1)
+
+
+def test_sqlite_store_is_durable_by_default(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    try:
+        assert store.synchronous_level() == "FULL"
+    finally:
+        store.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    relaxed = SqliteStore(tmp_path / "s.db", synchronous="normal")
+    try:
+        assert relaxed.synchronous_level() == "NORMAL"
+    finally:
+        relaxed.close()
+    with pytest.raises(StoreError, match="synchronous 'sometimes'"):
+        SqliteStore(tmp_path / "s.db", synchronous="sometimes")
+
+
+def test_values_are_json_text_on_disk_never_pickle(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    store.put("services", "k", {"a": 1})
+    store.close()
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        (raw,) = connection.execute("SELECT value FROM services WHERE key='k'").fetchone()
+    assert raw == '{"a":1}'
+
+
+def test_data_survives_reopen(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    store.put("meta", "x", [1, 2])
+    store.close()
+    reopened = SqliteStore(tmp_path / "s.db", create=False)
+    try:
+        assert reopened.get("meta", "x") == [1, 2]
+    finally:
+        reopened.close()
+
+
+def test_group_commit_from_many_threads(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    errors: list[BaseException] = []
+
+    def writer(number: int) -> None:
+        try:
+            for index in range(100):
+                store.put("services", f"{number}/{index}", index)
+                store.commit()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    store.close()
+    assert errors == []
+    with sqlite3.connect(tmp_path / "s.db") as connection:
+        assert connection.execute("SELECT count(*) FROM services").fetchone()[0] == 800
+
+
+# --- files that are not our store fail at open, with a clear message ---------------------
+
+
+def test_missing_store_with_create_false(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no store at"):
+        SqliteStore(tmp_path / "absent.db", create=False)
+    with pytest.raises(StoreError, match="no registry store at"):
+        Registry.load(tmp_path / "absent.db")
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"directory .* does not exist"):
+        SqliteStore(tmp_path / "no" / "such" / "dir" / "s.db")
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="is a directory"):
+        SqliteStore(tmp_path)
+
+
+def test_foreign_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_text("just some text, not a database\n" * 100)
+    with pytest.raises(StoreError, match="not a SQLite database"):
+        SqliteStore(path)
+    with pytest.raises(StoreError, match="not a SQLite database"):
+        Registry.load(path)
+    assert path.read_text().startswith("just some text")  # never overwritten
+
+
+def test_foreign_sqlite_database(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE customers (id INTEGER)")
+    with pytest.raises(StoreError, match=r"not a svcreg store \(tables: customers\)"):
+        SqliteStore(path)
+
+
+def test_empty_sqlite_database_is_not_a_store_to_load(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    sqlite3.connect(path).close()
+    path.write_bytes(b"")
+    with pytest.raises(StoreError, match="no store at"):
+        Registry.load(path)
+
+
+def test_store_from_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    SqliteStore(path).close()
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE meta SET value = ? WHERE key = 'format'", ('{"app": "svcreg", "schema": 99}',))
+    with pytest.raises(StoreError, match="newer svcreg \\(schema 99\\)"):
+        SqliteStore(path)
+
+
+def test_corrupt_database_fails_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "corrupt.db"
+    registry = Registry.with_persistence(path)
+    for number in range(300):
+        registry.add_or_update(make_entry(f"svc-{number}", metadata={"pad": "x" * 200}))
+    registry.close()
+    data = bytearray(path.read_bytes())
+    assert len(data) > 8 * 4096
+    for offset in range(2 * 4096, len(data) - 4096, 4096):  # scribble over every page but the first
+        data[offset + 100 : offset + 400] = os.urandom(300)
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"damaged|invalid|cannot be read"):
+        Registry.load(path)
+
+
+# --- kill -9 right after an acknowledged write loses nothing -----------------------------
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from registry import Registry
+    from tests.helpers import make_entry
+
+    registry = Registry.with_persistence(sys.argv[1])
+    number = 0
+    while True:
+        registry.add_or_update(make_entry(f"svc-{number}", ip=f"10.0.{number // 250}.{number % 250 + 1}"))
+        print(number, flush=True)  # acknowledged: add_or_update returned
+        number += 1
+    """
+)
+
+
+def test_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    path = tmp_path / "crash.db"
+    process = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert process.stdout is not None
+    acknowledged = -1
+    for line in process.stdout:
+        acknowledged = int(line)
+        if acknowledged >= 300:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert acknowledged >= 300
+    registry = Registry.load(path)
+    try:
+        names = {entry.service_name for entry in registry.list_services()}
+        missing = [n for n in range(acknowledged + 1) if f"svc-{n}" not in names]
+        assert missing == []
+        assert registry.revision >= acknowledged + 1
+    finally:
+        registry.close()
