@@ -1,0 +1,763 @@
+"""The registry: service instances, revisions, events, TTLs. No sockets, no event loop.
+
+Every change gets the next value of one global, monotonically increasing revision
+(as in etcd), stored with the entry (``create_revision``, ``mod_revision``), and
+produces exactly one event. A change is durable when the call returns: the entry and
+its event are written to the store in one transaction and committed (group commit:
+concurrent writers share one fsync). Events reach subscribers only after they are
+durable, in revision order.
+
+Methods are plain synchronous calls, safe from any thread. Reads never touch the
+disk. Writes wait for the commit (an fsync), so an event loop should call them in a
+worker thread (``asyncio.to_thread``); reads are fine inline.
+
+Which event an update produces (exactly one):
+
+* a new instance                          -> ``ServiceRegistered``
+* the state changed (maybe with others)   -> ``ServiceStateChanged``
+* else the endpoints changed              -> ``EndpointChanged``
+* else anything else changed              -> ``ServiceUpdated``
+* removal (or deregistration after TTL)   -> ``ServiceRemoved``
+* an update that changes nothing          -> no event, no revision
+
+``data["changes"]`` lists every field that changed and ``data["previous"]`` their old
+values, so a subscriber of ``ServiceStateChanged`` also learns about endpoints that
+changed in the same update.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from .events import Event, EventFilter, EventType, Subscription, parse_event_types
+from .exceptions import Compacted, ServiceNotFound, StoreError, ValidationError
+from .model import (
+    InstanceKey,
+    Location,
+    NetworkInfo,
+    ServiceEntry,
+    ServiceState,
+    validate_host_id,
+    validate_service_name,
+)
+from .store import MemoryStore, SqliteStore, Store
+
+if TYPE_CHECKING:
+    import os
+
+    from .network import NetworkConfig
+
+__all__ = ["DEFAULT_EVENT_RETENTION", "EndpointRecord", "Registry"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EVENT_RETENTION: Final = 10_000
+DEFAULT_SUBSCRIPTION_QUEUE: Final = 1_000
+
+# Fields whose change is a change of the instance (revisions and timestamps are not).
+_CONTENT_FIELDS: Final = (
+    "location",
+    "network_info",
+    "state",
+    "endpoints",
+    "tags",
+    "metadata",
+    "ttl_seconds",
+    "deregister_after_seconds",
+    "version",
+)
+_LIVE_STATES: Final = frozenset({ServiceState.RUNNING, ServiceState.STARTING})
+_TTL: Final = "ttl"
+_DEREGISTER: Final = "deregister"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRecord:
+    """One endpoint of one instance, flattened for discovery."""
+
+    service_name: str
+    host_id: str
+    endpoint: str
+    protocol: str
+    ip: str
+    port: int
+    location: Location
+    state: ServiceState
+
+    @property
+    def address(self) -> str:
+        """``ip:port`` (``[ip]:port`` for IPv6), ready for a URL."""
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "service_name": self.service_name,
+            "host_id": self.host_id,
+            "endpoint": self.endpoint,
+            "protocol": self.protocol,
+            "ip": self.ip,
+            "port": self.port,
+            "location": self.location.value,
+            "state": self.state.value,
+        }
+
+
+def _service_key(key: InstanceKey) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+def _event_key(revision: int) -> str:
+    return f"{revision:020d}"
+
+
+def _content(entry: ServiceEntry) -> tuple[Any, ...]:
+    return tuple(getattr(entry, name) for name in _CONTENT_FIELDS)
+
+
+def _instance_order(entry: ServiceEntry) -> tuple[bool, int, str]:
+    """Sort key for choosing an instance: running first, then nearest, then host id."""
+    return (entry.state is not ServiceState.RUNNING, entry.location.distance, entry.host_id)
+
+
+class Registry:
+    """Service instances with revisions and events.
+
+    Args:
+        store: where state lives; default an in-memory store (nothing survives).
+        networks: the configured networks; when given, an entry's address is checked
+            against them and ``network_info.network`` is filled in.
+        event_retention: how many recent events are kept for resuming subscribers.
+        clock: monotonic seconds, for TTLs (injectable for tests).
+        wall_clock: epoch seconds, for ``updated_at`` and event timestamps.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store | None = None,
+        networks: NetworkConfig | None = None,
+        event_retention: int = DEFAULT_EVENT_RETENTION,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(event_retention, bool) or not isinstance(event_retention, int) or event_retention < 1:
+            raise ValidationError(f"event_retention must be a positive integer, got {event_retention!r}")
+        self._store = store if store is not None else MemoryStore()
+        self._networks = networks
+        self._retention = event_retention
+        self._clock = clock
+        self._wall_clock = wall_clock
+
+        self._lock = threading.Lock()
+        self._services: dict[InstanceKey, ServiceEntry] = {}
+        self._by_name: dict[str, dict[str, ServiceEntry]] = {}
+        self._by_host: dict[str, dict[str, ServiceEntry]] = {}
+        self._hosts_by_ip: dict[str, dict[InstanceKey, str]] = {}
+        self._revision = 0
+        self._trimmed_below = 0
+        self._topology: Mapping[str, Any] | None = None
+
+        # Events move: _pending (written, not yet durable) -> _retained (published).
+        self._pending: deque[Event] = deque()
+        self._retained: deque[Event] = deque(maxlen=event_retention)
+        self._published = 0
+        self._dispatch_lock = threading.RLock()
+        self._subscribers: dict[str, Subscription] = {}
+        self._subscriber_snapshot: tuple[Subscription, ...] = ()
+
+        self._timers: list[tuple[float, int, str, InstanceKey]] = []
+        self._timer_seq = itertools.count()
+        self._ttl_deadline: dict[InstanceKey, float] = {}
+        self._deregister_deadline: dict[InstanceKey, float] = {}
+        self._ttl_failed: set[InstanceKey] = set()
+        self._reaper: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._closed = False
+
+        self._load()
+
+    # --- construction -------------------------------------------------------------
+
+    @classmethod
+    def with_persistence(cls, path: str | os.PathLike[str], *, synchronous: str = "FULL", **options: Any) -> Registry:
+        """A registry on the embedded store at ``path``, created if missing."""
+        return cls(store=SqliteStore(path, create=True, synchronous=synchronous), **options)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, synchronous: str = "FULL", **options: Any) -> Registry:
+        """A registry on an existing store; fails clearly if it is missing or not ours."""
+        if not Path(path).exists():
+            raise StoreError(f"no registry store at {path}")
+        return cls(store=SqliteStore(path, create=False, synchronous=synchronous), **options)
+
+    def _load(self) -> None:
+        now = self._clock()
+        for key, value in self._store.scan("services"):
+            try:
+                entry = ServiceEntry.from_dict(value)
+            except ValidationError as exc:
+                raise StoreError(f"the store holds an invalid service record {key!r}: {exc.message}") from None
+            self._index(entry)
+            self._revision = max(self._revision, entry.mod_revision)
+            # TTLs restart on load: every instance gets a full TTL of grace (as Consul does).
+            self._arm_timers(entry, now)
+        events = [Event.from_dict(value) for _, value in self._store.scan("events")]
+        if events:
+            self._retained.extend(events[-self._retention :])
+            self._revision = max(self._revision, events[-1].revision)
+            self._trimmed_below = self._retained[0].revision
+        self._published = self._revision
+        topology = self._store.get("meta", "topology")
+        self._topology = topology if isinstance(topology, Mapping) else None
+        log.debug("loaded %d services at revision %d", len(self._services), self._revision)
+
+    # --- reads --------------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        """The revision of the last durable change."""
+        return self._published
+
+    @property
+    def networks(self) -> NetworkConfig | None:
+        return self._networks
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        return len(self._services)
+
+    def hosts_at(self, ip: str) -> set[str]:
+        """The host ids of instances registered with the address ``ip``."""
+        with self._lock:
+            return set(self._hosts_by_ip.get(ip, {}).values())
+
+    def get_service(self, name: str, host_id: str | None = None) -> ServiceEntry:
+        """One instance of ``name``: on ``host_id``, or the best one.
+
+        Without a host, a running instance is preferred, then the nearest location
+        (local, lan, wireguard), then the host id (for a stable answer).
+
+        Raises:
+            ServiceNotFound: no such instance.
+        """
+        validate_service_name(name)
+        with self._lock:
+            instances = self._by_name.get(name)
+            if not instances:
+                raise ServiceNotFound(f"service {name!r} is not registered", details={"service_name": name})
+            if host_id is None:
+                return min(instances.values(), key=_instance_order)
+            entry = instances.get(host_id)
+        if entry is None:
+            raise ServiceNotFound(
+                f"service {name!r} is not registered on host {host_id!r}",
+                details={"service_name": name, "host_id": host_id},
+            )
+        return entry
+
+    def list_services(
+        self,
+        *,
+        service_name: str | None = None,
+        host_id: str | None = None,
+        location: Location | str | None = None,
+        state: ServiceState | str | None = None,
+        network: str | None = None,
+        tag: str | None = None,
+    ) -> list[ServiceEntry]:
+        """Instances matching every given filter, sorted by service name then host."""
+        wanted_location = _as_enum(Location, location, "location")
+        wanted_state = _as_enum(ServiceState, state, "state")
+        with self._lock:
+            if service_name is not None:
+                candidates = list(self._by_name.get(service_name, {}).values())
+            elif host_id is not None:
+                candidates = list(self._by_host.get(host_id, {}).values())
+            else:
+                candidates = list(self._services.values())
+        matches = [
+            entry
+            for entry in candidates
+            if (host_id is None or entry.host_id == host_id)
+            and (wanted_location is None or entry.location is wanted_location)
+            and (wanted_state is None or entry.state is wanted_state)
+            and (network is None or entry.network_info.network == network)
+            and (tag is None or tag in entry.tags)
+        ]
+        matches.sort(key=lambda entry: entry.key)
+        return matches
+
+    def list_endpoints(self, **filters: Any) -> list[EndpointRecord]:
+        """Every endpoint of every instance matching ``filters`` (as for list_services)."""
+        return [
+            EndpointRecord(
+                entry.service_name,
+                entry.host_id,
+                endpoint.name,
+                endpoint.protocol,
+                entry.network_info.ip,
+                endpoint.port,
+                entry.location,
+                entry.state,
+            )
+            for entry in self.list_services(**filters)
+            for endpoint in entry.endpoints
+        ]
+
+    def topology(self) -> Mapping[str, Any] | None:
+        """The last topology recorded with :meth:`update_topology`."""
+        return self._topology
+
+    # --- writes -------------------------------------------------------------------
+
+    def add_or_update(self, entry: ServiceEntry | Mapping[str, Any]) -> ServiceEntry:
+        """Register an instance or update it; returns it as stored (with revisions).
+
+        An identical re-registration changes nothing (no revision, no event) but
+        counts as a heartbeat.
+        """
+        return self.add_or_update_many([entry])[0]
+
+    def add_or_update_many(self, entries: Iterable[ServiceEntry | Mapping[str, Any]]) -> list[ServiceEntry]:
+        """:meth:`add_or_update` for many entries with one commit (one fsync).
+
+        Every entry is validated before any is written: one bad entry fails the call
+        and changes nothing. Each change still gets its own revision and event.
+        """
+        placed = [
+            self._place(item if isinstance(item, ServiceEntry) else ServiceEntry.from_dict(item)) for item in entries
+        ]
+        stored_entries: list[ServiceEntry] = []
+        last_revision = 0
+        with self._lock:
+            self._check_open()
+            now = self._clock()
+            for entry in placed:
+                old = self._services.get(entry.key)
+                if old is not None and _content(old) == _content(entry):
+                    self._arm_timers(old, now, heartbeat=True)
+                    stored_entries.append(old)
+                    continue
+                revision = self._revision + 1
+                stored = entry.stamped(
+                    create_revision=old.create_revision if old is not None else revision,
+                    mod_revision=revision,
+                    updated_at=self._wall_clock(),
+                )
+                if old is None:
+                    event = self._record(stored, EventType.SERVICE_REGISTERED, {"service": stored.to_dict()})
+                else:
+                    event = self._record_update(old, stored, {})
+                self._ttl_failed.discard(stored.key)
+                self._arm_timers(stored, now)
+                stored_entries.append(stored)
+                last_revision = event.revision
+        if last_revision:
+            self._make_durable(last_revision)
+        return stored_entries
+
+    def remove(self, name: str, host_id: str | None = None) -> ServiceEntry:
+        """Unregister an instance (``host_id`` may be omitted when there is one); returns it.
+
+        Raises:
+            ServiceNotFound: no such instance.
+            ValidationError: ``host_id`` omitted and the service runs on several hosts.
+        """
+        with self._lock:
+            self._check_open()
+            entry = self._resolve(name, host_id)
+            event = self._record_removal(entry, "removed")
+        self._make_durable(event.revision)
+        return entry
+
+    def set_state(self, name: str, state: ServiceState | str, host_id: str | None = None) -> ServiceEntry:
+        """Change an instance's run state; the same state again changes nothing."""
+        new_state = _as_enum(ServiceState, state, "state")
+        assert new_state is not None
+        with self._lock:
+            self._check_open()
+            entry = self._resolve(name, host_id)
+            if entry.state is new_state:
+                return entry
+            updated, event = self._change_state(entry, new_state, reason="set_state")
+        self._make_durable(event.revision)
+        return updated
+
+    def heartbeat(self, name: str, host_id: str | None = None) -> ServiceEntry:
+        """Tell the registry an instance is alive: restarts its TTL.
+
+        A heartbeat is not a change (no revision, no event, no disk write), unless it
+        revives an instance that its TTL had marked failed: that is a state change
+        back to running.
+        """
+        with self._lock:
+            self._check_open()
+            entry = self._resolve(name, host_id)
+            if entry.key in self._ttl_failed and entry.state is ServiceState.FAILED:
+                updated, event = self._change_state(entry, ServiceState.RUNNING, reason="heartbeat")
+            else:
+                self._arm_timers(entry, self._clock(), heartbeat=True)
+                return entry
+        self._make_durable(event.revision)
+        return updated
+
+    def update_topology(self, topology: Mapping[str, Any]) -> Event | None:
+        """Record the network topology; emits ``NetworkTopologyChanged`` if it differs."""
+        snapshot = dict(topology)
+        with self._lock:
+            self._check_open()
+            if self._topology == snapshot:
+                return None
+            previous = self._topology
+            self._store.put("meta", "topology", snapshot)
+            self._topology = snapshot
+            event = self._append_event(EventType.NETWORK_TOPOLOGY_CHANGED, {"topology": snapshot, "previous": previous})
+        self._make_durable(event.revision)
+        return event
+
+    # --- TTL ------------------------------------------------------------------------
+
+    def expire(self, now: float | None = None) -> list[Event]:
+        """Apply TTLs due at ``now`` (default: the clock): missed heartbeats -> failed,
+        failed past ``deregister_after_seconds`` -> removed. Returns the events."""
+        now = self._clock() if now is None else now
+        events: list[Event] = []
+        with self._lock:
+            if self._closed:
+                return events
+            while self._timers and self._timers[0][0] <= now:
+                deadline, _, kind, key = heapq.heappop(self._timers)
+                entry = self._services.get(key)
+                if entry is None:
+                    continue
+                if kind == _TTL and self._ttl_deadline.get(key) == deadline:
+                    del self._ttl_deadline[key]
+                    _, event = self._change_state(entry, ServiceState.FAILED, reason="ttl_expired", now=now)
+                    self._ttl_failed.add(key)
+                    events.append(event)
+                elif kind == _DEREGISTER and self._deregister_deadline.get(key) == deadline:
+                    events.append(self._record_removal(entry, "deregistered_after_failure"))
+        if events:
+            self._make_durable(events[-1].revision)
+        return events
+
+    def next_deadline(self) -> float | None:
+        """The clock time of the next TTL action, or None when nothing is due."""
+        with self._lock:
+            while self._timers:
+                deadline, _, kind, key = self._timers[0]
+                current = self._ttl_deadline if kind == _TTL else self._deregister_deadline
+                if current.get(key) == deadline:
+                    return deadline
+                heapq.heappop(self._timers)
+        return None
+
+    def start_reaper(self, interval: float = 0.5) -> None:
+        """Run :meth:`expire` every ``interval`` seconds in a daemon thread until close()."""
+        if self._reaper is not None:
+            return
+
+        def reap() -> None:
+            while not self._stopping.wait(interval):
+                try:
+                    self.expire()
+                except StoreError:
+                    log.exception("TTL reaper stopped: the store failed")
+                    return
+
+        self._reaper = threading.Thread(target=reap, name="svcreg-ttl-reaper", daemon=True)
+        self._reaper.start()
+
+    # --- subscriptions ----------------------------------------------------------------
+
+    def subscribe(
+        self,
+        event_types: Iterable[EventType | str] | None = None,
+        *,
+        since_revision: int | None = None,
+        filter: EventFilter | Mapping[str, Any] | None = None,
+        maxsize: int = DEFAULT_SUBSCRIPTION_QUEUE,
+    ) -> Subscription:
+        """Subscribe to events (all types when ``event_types`` is empty).
+
+        With ``since_revision``, every retained event after that revision is queued
+        first, in order, with no gap and no duplicate, then live events follow.
+
+        Raises:
+            Compacted: ``since_revision`` is older than the oldest retained event.
+            ValidationError: bad types, filter, revision or queue size.
+        """
+        types = parse_event_types(event_types)
+        event_filter = EventFilter.from_value(filter)
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ValidationError(f"maxsize must be a positive integer, got {maxsize!r}", field="maxsize")
+        if since_revision is not None and (
+            isinstance(since_revision, bool) or not isinstance(since_revision, int) or since_revision < 0
+        ):
+            raise ValidationError(
+                f"since_revision must be a non-negative integer, got {since_revision!r}", field="since_revision"
+            )
+        subscription = Subscription(types, event_filter=event_filter, maxsize=maxsize, on_close=self._forget)
+        with self._dispatch_lock:
+            if self._closed:
+                raise StoreError("the registry is closed")
+            current = self._published
+            if since_revision is None:
+                subscription._preload([], current)
+            else:
+                oldest = self._retained[0].revision if self._retained else current + 1
+                if since_revision > current:
+                    raise ValidationError(
+                        f"since_revision {since_revision} is ahead of the registry's revision {current}",
+                        field="since_revision",
+                    )
+                if since_revision < oldest - 1:
+                    raise Compacted(
+                        f"revision {since_revision} has been compacted; the oldest retained event is {oldest}",
+                        oldest_revision=oldest,
+                        requested_revision=since_revision,
+                    )
+                backlog = [e for e in self._retained if e.revision > since_revision and subscription.wants(e)]
+                subscription._preload(backlog, since_revision)
+            self._subscribers[subscription.id] = subscription
+            self._subscriber_snapshot = tuple(self._subscribers.values())
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription | str) -> None:
+        """Close a subscription (by object or id); unknown ids are ignored."""
+        target = self._subscribers.get(subscription) if isinstance(subscription, str) else subscription
+        if target is not None:
+            target.close()
+
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        return list(self._subscriber_snapshot)
+
+    def _forget(self, subscription: Subscription) -> None:
+        with self._dispatch_lock:
+            if self._subscribers.pop(subscription.id, None) is not None:
+                self._subscriber_snapshot = tuple(self._subscribers.values())
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the reaper, close subscriptions, commit and close the store."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stopping.set()
+        if self._reaper is not None and self._reaper is not threading.current_thread():
+            self._reaper.join()
+        for subscription in list(self._subscriber_snapshot):
+            subscription.close("the registry closed")
+        self._store.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- internals (callers hold self._lock unless said otherwise) -----------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the registry is closed")
+
+    def _resolve(self, name: str, host_id: str | None) -> ServiceEntry:
+        validate_service_name(name)
+        instances = self._by_name.get(name)
+        if not instances:
+            raise ServiceNotFound(f"service {name!r} is not registered", details={"service_name": name})
+        if host_id is None:
+            if len(instances) > 1:
+                hosts = ", ".join(sorted(instances))
+                raise ValidationError(
+                    f"service {name!r} runs on several hosts ({hosts}); say which with host_id", field="host_id"
+                )
+            return next(iter(instances.values()))
+        validate_host_id(host_id)
+        entry = instances.get(host_id)
+        if entry is None:
+            raise ServiceNotFound(
+                f"service {name!r} is not registered on host {host_id!r}",
+                details={"service_name": name, "host_id": host_id},
+            )
+        return entry
+
+    def _place(self, entry: ServiceEntry) -> ServiceEntry:
+        """Check the entry's address against the configured networks; fill in the network."""
+        if self._networks is None:
+            return entry
+        info = entry.network_info
+        if info.network is not None:
+            try:
+                network = self._networks.get(info.network)
+            except Exception:
+                known = ", ".join(self._networks.networks) or "none"
+                raise ValidationError(
+                    f"network_info.network {info.network!r} is not a configured network (known: {known})",
+                    field="network_info.network",
+                ) from None
+            if not network.contains(info.ip):
+                raise ValidationError(
+                    f"network_info.ip {info.ip} is outside network {network.name!r} ({network.subnet})",
+                    field="network_info.ip",
+                )
+        else:
+            network = self._networks.classify(info.ip)
+            if network is None:
+                return entry
+        if network.type is not entry.location:
+            raise ValidationError(
+                f"{info.ip} is in the {network.type.value} network {network.name!r}, "
+                f"but the location is {entry.location.value!r}",
+                field="location",
+            )
+        if info.network is None:
+            entry = entry.evolve(network_info=NetworkInfo(info.ip, info.hostname, network.name))
+        return entry
+
+    def _index(self, entry: ServiceEntry) -> None:
+        self._services[entry.key] = entry
+        self._by_name.setdefault(entry.service_name, {})[entry.host_id] = entry
+        self._by_host.setdefault(entry.host_id, {})[entry.service_name] = entry
+        self._hosts_by_ip.setdefault(entry.network_info.ip, {})[entry.key] = entry.host_id
+
+    def _unindex(self, entry: ServiceEntry) -> None:
+        del self._services[entry.key]
+        for index, outer, inner in (
+            (self._by_name, entry.service_name, entry.host_id),
+            (self._by_host, entry.host_id, entry.service_name),
+            (self._hosts_by_ip, entry.network_info.ip, entry.key),
+        ):
+            bucket = index[outer]
+            del bucket[inner]
+            if not bucket:
+                del index[outer]
+
+    def _append_event(self, event_type: EventType, data: dict[str, Any]) -> Event:
+        """Write the next revision's event to the store and queue it for publishing."""
+        revision = self._revision + 1
+        event = Event(event_type, revision, data, self._wall_clock())
+        self._store.put("events", _event_key(revision), event.to_dict())
+        self._revision = revision
+        self._pending.append(event)
+        # Trim the stored log in batches, not one delete per write.
+        horizon = revision - self._retention + 1
+        if horizon - self._trimmed_below >= max(1, self._retention // 10):
+            self._store.delete_below("events", _event_key(horizon))
+            self._trimmed_below = horizon
+        return event
+
+    def _record(self, entry: ServiceEntry, event_type: EventType, data: dict[str, Any]) -> Event:
+        self._store.put("services", _service_key(entry.key), entry.to_dict())
+        event = self._append_event(event_type, data)
+        old = self._services.get(entry.key)
+        if old is not None:
+            self._unindex(old)
+        self._index(entry)
+        return event
+
+    def _record_update(self, old: ServiceEntry, new: ServiceEntry, extra: dict[str, Any]) -> Event:
+        old_dict = old.to_dict()
+        new_dict = new.to_dict()
+        changes = [name for name in _CONTENT_FIELDS if old_dict[name] != new_dict[name]]
+        if "state" in changes:
+            event_type = EventType.SERVICE_STATE_CHANGED
+        elif "endpoints" in changes:
+            event_type = EventType.ENDPOINT_CHANGED
+        else:
+            event_type = EventType.SERVICE_UPDATED
+        data = {"service": new_dict, "changes": changes, "previous": {name: old_dict[name] for name in changes}}
+        data.update(extra)
+        return self._record(new, event_type, data)
+
+    def _record_removal(self, entry: ServiceEntry, reason: str) -> Event:
+        self._store.delete("services", _service_key(entry.key))
+        event = self._append_event(EventType.SERVICE_REMOVED, {"service": entry.to_dict(), "reason": reason})
+        self._unindex(entry)
+        self._ttl_deadline.pop(entry.key, None)
+        self._deregister_deadline.pop(entry.key, None)
+        self._ttl_failed.discard(entry.key)
+        return event
+
+    def _change_state(
+        self, entry: ServiceEntry, state: ServiceState, *, reason: str, now: float | None = None
+    ) -> tuple[ServiceEntry, Event]:
+        revision = self._revision + 1
+        updated = entry.evolve(state=state).stamped(
+            create_revision=entry.create_revision, mod_revision=revision, updated_at=self._wall_clock()
+        )
+        event = self._record_update(entry, updated, {"reason": reason})
+        if state is not ServiceState.FAILED:
+            self._ttl_failed.discard(entry.key)
+        self._arm_timers(updated, self._clock() if now is None else now)
+        return updated, event
+
+    def _arm_timers(self, entry: ServiceEntry, now: float, *, heartbeat: bool = False) -> None:
+        key = entry.key
+        if entry.ttl_seconds is not None and entry.state in _LIVE_STATES:
+            self._push_timer(self._ttl_deadline, key, now + entry.ttl_seconds, _TTL)
+        else:
+            self._ttl_deadline.pop(key, None)
+        if heartbeat:
+            return
+        if entry.deregister_after_seconds is not None and entry.state is ServiceState.FAILED:
+            self._push_timer(self._deregister_deadline, key, now + entry.deregister_after_seconds, _DEREGISTER)
+        else:
+            self._deregister_deadline.pop(key, None)
+
+    def _push_timer(self, deadlines: dict[InstanceKey, float], key: InstanceKey, deadline: float, kind: str) -> None:
+        deadlines[key] = deadline
+        heapq.heappush(self._timers, (deadline, next(self._timer_seq), kind, key))
+        # Heartbeats leave superseded timers behind; rebuild before they pile up.
+        live = len(self._ttl_deadline) + len(self._deregister_deadline)
+        if len(self._timers) > 4 * live + 1024:
+            self._timers = [
+                (when, next(self._timer_seq), timer_kind, timer_key)
+                for timer_kind, table in ((_TTL, self._ttl_deadline), (_DEREGISTER, self._deregister_deadline))
+                for timer_key, when in table.items()
+            ]
+            heapq.heapify(self._timers)
+
+    # --- durability and publishing (called without self._lock) ----------------------------
+
+    def _make_durable(self, revision: int) -> None:
+        """Commit (group commit), then publish every event up to ``revision`` in order."""
+        self._store.commit()
+        with self._dispatch_lock:
+            while self._pending and self._pending[0].revision <= revision:
+                event = self._pending.popleft()
+                self._retained.append(event)
+                self._published = event.revision
+                for subscription in self._subscriber_snapshot:
+                    if subscription.wants(event):
+                        subscription.offer(event)
+
+
+def _as_enum(enum_cls: type[Location] | type[ServiceState], value: object, field: str) -> Any:
+    if value is None or isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(member.value for member in enum_cls)
+        raise ValidationError(f"{field} {value!r} is not one of {choices}", field=field) from None

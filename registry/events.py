@@ -1,0 +1,365 @@
+"""Events and subscriptions.
+
+Every change in the registry gets the next global revision and produces exactly one
+:class:`Event`. Subscribers read events from a :class:`Subscription`: a bounded queue
+that can be read blocking (threads), or awaited from asyncio or trio without blocking
+the loop.
+
+A subscriber that does not keep up never slows the registry or the other subscribers:
+when its queue is full, it is closed as *lagged*. It still drains the events it has
+(they are in order, with no gap), then :meth:`Subscription.get` raises
+:class:`SubscriptionLagged` carrying the last revision it received, from which it
+can resume with ``subscribe(..., since_revision=...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .exceptions import SubscriptionClosed, SubscriptionLagged, ValidationError
+
+__all__ = [
+    "Event",
+    "EventFilter",
+    "EventType",
+    "Subscription",
+    "parse_event_types",
+]
+
+
+class EventType(enum.StrEnum):
+    SERVICE_REGISTERED = "ServiceRegistered"
+    SERVICE_UPDATED = "ServiceUpdated"
+    SERVICE_REMOVED = "ServiceRemoved"
+    SERVICE_STATE_CHANGED = "ServiceStateChanged"
+    NETWORK_TOPOLOGY_CHANGED = "NetworkTopologyChanged"
+    ENDPOINT_CHANGED = "EndpointChanged"
+
+
+SERVICE_EVENTS = frozenset(EventType) - {EventType.NETWORK_TOPOLOGY_CHANGED}
+
+
+def parse_event_types(values: Iterable[EventType | str] | None) -> frozenset[EventType]:
+    """Event types from names; ``None`` or an empty list means every type."""
+    if values is None:
+        return frozenset(EventType)
+    if isinstance(values, (str, bytes)):
+        raise ValidationError("events must be a list of event type names", field="events")
+    types = set()
+    for value in values:
+        try:
+            types.add(EventType(value))
+        except ValueError:
+            choices = ", ".join(member.value for member in EventType)
+            raise ValidationError(f"unknown event type {value!r}; known types: {choices}", field="events") from None
+    return frozenset(types) or frozenset(EventType)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change, at one revision.
+
+    ``data`` is JSON-able. Service events carry ``data["service"]`` (the entry after the
+    change; for ``ServiceRemoved`` the entry as it was), plus ``changes`` (the names of
+    the fields that changed) and ``previous`` (their old values) for updates.
+    """
+
+    type: EventType
+    revision: int
+    data: Mapping[str, Any]
+    timestamp: float
+
+    @property
+    def service(self) -> Mapping[str, Any] | None:
+        """The service entry this event is about, as a dict (None for topology events)."""
+        return self.data.get("service")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.type.value, "revision": self.revision, "timestamp": self.timestamp, "data": self.data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Event:
+        try:
+            return cls(EventType(data["event"]), int(data["revision"]), data["data"], float(data["timestamp"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValidationError(f"not an event record: {exc}", field="event") from None
+
+
+_FILTER_KEYS = ("service_name", "host_id", "location", "state", "network", "tag")
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which service events a subscriber wants; every given field must match.
+
+    Topology events carry no service, so filters do not apply to them.
+    """
+
+    service_name: str | None = None
+    host_id: str | None = None
+    location: str | None = None
+    state: str | None = None
+    network: str | None = None
+    tag: str | None = None
+
+    @classmethod
+    def from_value(cls, value: EventFilter | Mapping[str, Any] | None) -> EventFilter | None:
+        if value is None or isinstance(value, EventFilter):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValidationError("filter must be an object", field="filter")
+        unknown = set(value) - set(_FILTER_KEYS)
+        if unknown:
+            raise ValidationError(
+                f"unknown filter field(s) {', '.join(sorted(map(str, unknown)))}; known: {', '.join(_FILTER_KEYS)}",
+                field="filter",
+            )
+        for key, item in value.items():
+            if item is not None and not isinstance(item, str):
+                raise ValidationError(f"filter.{key} must be a string, got {item!r}", field=f"filter.{key}")
+        return cls(**value)
+
+    def matches(self, event: Event) -> bool:
+        service = event.service
+        if service is None:
+            return True
+        if self.service_name is not None and service["service_name"] != self.service_name:
+            return False
+        if self.host_id is not None and service["host_id"] != self.host_id:
+            return False
+        if self.location is not None and service["location"] != self.location:
+            return False
+        if self.state is not None and service["state"] != self.state:
+            return False
+        if self.network is not None and service["network_info"].get("network") != self.network:
+            return False
+        return self.tag is None or self.tag in service["tags"]
+
+    def to_dict(self) -> dict[str, str]:
+        return {key: getattr(self, key) for key in _FILTER_KEYS if getattr(self, key) is not None}
+
+
+_subscription_ids = itertools.count(1)
+
+
+class Subscription:
+    """A bounded, ordered queue of events for one subscriber.
+
+    Created by ``Registry.subscribe``; thread-safe. Read it with :meth:`get`
+    (blocking, with an optional timeout), iterate it, or ``await`` :meth:`next_event`
+    from asyncio or trio.
+    """
+
+    def __init__(
+        self,
+        event_types: frozenset[EventType],
+        *,
+        event_filter: EventFilter | None,
+        maxsize: int,
+        on_close: Callable[[Subscription], None] | None = None,
+    ) -> None:
+        self.id = f"sub-{next(_subscription_ids)}"
+        self.event_types = event_types
+        self.filter = event_filter
+        self.maxsize = maxsize
+        self._queue: deque[Event] = deque()
+        self._limit = maxsize
+        self._cond = threading.Condition(threading.Lock())
+        self._wakers: set[Callable[[], None]] = set()
+        self._closed_reason: str | None = None
+        self._lagged = False
+        self._on_close = on_close
+        self.last_revision = 0
+        """The revision of the last event handed to the reader."""
+        self.created_at = time.time()
+
+    # --- producer side (the registry) ---------------------------------------------
+
+    def wants(self, event: Event) -> bool:
+        return event.type in self.event_types and (self.filter is None or self.filter.matches(event))
+
+    def _preload(self, backlog: list[Event], last_revision: int) -> None:
+        """Queue the resume backlog; it does not count against ``maxsize``."""
+        self._queue.extend(backlog)
+        self._limit = self.maxsize + len(backlog)
+        self.last_revision = last_revision
+
+    def offer(self, event: Event) -> bool:
+        """Queue ``event`` without blocking; on overflow close as lagged. False once closed."""
+        with self._cond:
+            if self._closed_reason is not None:
+                return False
+            if len(self._queue) >= self._limit:
+                self._lagged = True
+                self._closed_reason = (
+                    f"subscriber lagged: its queue of {self.maxsize} events was full at revision {event.revision}"
+                )
+                accepted = False
+            else:
+                self._queue.append(event)
+                accepted = True
+            self._wake()
+        if not accepted and self._on_close is not None:
+            self._on_close(self)
+        return accepted
+
+    def _wake(self) -> None:
+        self._cond.notify_all()
+        for waker in list(self._wakers):
+            waker()
+
+    # --- consumer side ------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reason is not None
+
+    @property
+    def lagged(self) -> bool:
+        return self._lagged
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._closed_reason
+
+    def pending(self) -> int:
+        """How many events wait in the queue."""
+        return len(self._queue)
+
+    def _take(self) -> Event | None:
+        """Pop the next event; raise if closed and drained. Caller holds the lock."""
+        if self._queue:
+            event = self._queue.popleft()
+            self.last_revision = event.revision
+            return event
+        if self._closed_reason is not None:
+            if self._lagged:
+                raise SubscriptionLagged(
+                    f"{self._closed_reason}; resume with since_revision={self.last_revision}",
+                    last_revision=self.last_revision,
+                )
+            raise SubscriptionClosed(f"subscription {self.id} is closed: {self._closed_reason}")
+        return None
+
+    def get(self, timeout: float | None = None) -> Event | None:
+        """The next event, waiting up to ``timeout`` seconds (None: forever).
+
+        Returns None on timeout.
+
+        Raises:
+            SubscriptionLagged: the queue overflowed and every queued event was read.
+            SubscriptionClosed: the subscription was closed and every queued event was read.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                event = self._take()
+                if event is not None:
+                    return event
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+
+    def get_nowait(self) -> Event | None:
+        with self._cond:
+            return self._take()
+
+    def __iter__(self) -> Iterator[Event]:
+        """Events until the subscription is closed (lag still raises)."""
+        while True:
+            try:
+                event = self.get()
+            except SubscriptionClosed:
+                return
+            if event is not None:
+                yield event
+
+    async def next_event(self) -> Event:
+        """Await the next event from asyncio or trio without blocking the loop."""
+        while True:
+            with self._cond:
+                event = self._take()
+                if event is not None:
+                    return event
+                wait, waker = _async_waiter()
+                self._wakers.add(waker)
+            try:
+                await wait()
+            finally:
+                with self._cond:
+                    self._wakers.discard(waker)
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Event]:
+        while True:
+            try:
+                yield await self.next_event()
+            except SubscriptionClosed:
+                return
+
+    def close(self, reason: str = "closed by the subscriber") -> None:
+        """Stop receiving; events already queued can still be read."""
+        with self._cond:
+            if self._closed_reason is not None:
+                return
+            self._closed_reason = reason
+            self._wake()
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def __repr__(self) -> str:
+        state = f"closed: {self._closed_reason}" if self.closed else "open"
+        return f"<Subscription {self.id} {state}, {len(self._queue)} queued, last revision {self.last_revision}>"
+
+
+def _async_waiter() -> tuple[Callable[[], Any], Callable[[], None]]:
+    """A (wait coroutine function, thread-safe waker) pair for the running async library."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return _trio_waiter()
+    future: asyncio.Future[None] = loop.create_future()
+
+    def resolve() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    def wake() -> None:
+        # A closed loop raises RuntimeError: nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(resolve)
+
+    async def wait() -> None:
+        await future
+
+    return wait, wake
+
+
+def _trio_waiter() -> tuple[Callable[[], Any], Callable[[], None]]:
+    try:
+        import trio
+    except ImportError:
+        raise RuntimeError("next_event() needs a running asyncio or trio event loop") from None
+    try:
+        token = trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        raise RuntimeError("next_event() needs a running asyncio or trio event loop") from None
+    ready = trio.Event()
+
+    def wake() -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(ready.set)
+
+    return ready.wait, wake
