@@ -21,7 +21,7 @@ import math
 import re
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -279,10 +279,13 @@ class NetworkInfo:
     ip: str
     hostname: str | None = None
     network: str | None = None
+    _loopback: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Normalise the address ("::0001" -> "::1") so equality and lookups are exact.
-        object.__setattr__(self, "ip", _ip_facts(self.ip, "network_info.ip")[0])
+        ip, loopback = _ip_facts(self.ip, "network_info.ip")
+        object.__setattr__(self, "ip", ip)
+        object.__setattr__(self, "_loopback", loopback)
         if self.hostname is not None:
             _validate_hostname(self.hostname)
         if self.network is not None:
@@ -294,7 +297,7 @@ class NetworkInfo:
 
     @property
     def is_loopback(self) -> bool:
-        return _ip_facts(self.ip, "network_info.ip")[1]
+        return self._loopback
 
     def to_dict(self) -> dict[str, Any]:
         return {"ip": self.ip, "hostname": self.hostname, "network": self.network}
@@ -514,6 +517,15 @@ class ServiceEntry:
             "updated_at": self.updated_at,
         }
 
+    def to_record(self) -> dict[str, Any]:
+        """The store form: :meth:`to_dict` without null and empty values (they are the
+        defaults). Smaller rows make loading a large store markedly faster."""
+        record = {
+            key: value for key, value in self.to_dict().items() if value is not None and value != [] and value != {}
+        }
+        record["network_info"] = {key: value for key, value in record["network_info"].items() if value is not None}
+        return record
+
     @classmethod
     def from_dict(cls, data: object) -> ServiceEntry:
         """Build an entry from its wire/store form; unknown fields are refused."""
@@ -528,6 +540,37 @@ class ServiceEntry:
 
 
 SERVICE_FIELDS = frozenset(ServiceEntry.__dataclass_fields__)
+_REQUIRED_FIELDS = frozenset({"service_name", "host_id", "location", "network_info"})
+# (slot descriptor, field name, default) for every field, in declaration order.
+_SLOT_DEFAULTS = tuple(
+    (
+        getattr(ServiceEntry, name),
+        name,
+        spec.default_factory() if spec.default_factory is not MISSING else spec.default,
+    )
+    for name, spec in ServiceEntry.__dataclass_fields__.items()
+)
+
+
+def entry_from_record(data: object) -> ServiceEntry:
+    """:meth:`ServiceEntry.from_dict` for the store's own records, about twice as fast.
+
+    Loading a large store is dominated by building entries: this skips the keyword
+    packing and the dataclass ``__init__`` and fills the slots directly, then runs the
+    same validation (``__post_init__``). Anything unusual takes the ``from_dict`` path,
+    which produces the precise error.
+    """
+    if type(data) is not dict or not data.keys() <= SERVICE_FIELDS or not data.keys() >= _REQUIRED_FIELDS:
+        return ServiceEntry.from_dict(data)
+    entry = object.__new__(ServiceEntry)
+    get = data.get
+    for slot, name, default in _SLOT_DEFAULTS:
+        value = get(name, default)
+        slot.__set__(entry, default if value is None and name in _DEFAULTED else value)
+    entry.__post_init__()
+    return entry
+
+
 # The slot descriptors, to copy an entry without the frozen __setattr__ (see stamped()).
 _CONTENT_SLOTS = tuple(
     getattr(ServiceEntry, name)

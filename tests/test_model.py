@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from registry import Endpoint, Location, NetworkInfo, ServiceEntry, ServiceState, ValidationError
 
+from .helpers import make_entry
+
 
 def seed_entry() -> ServiceEntry:
     return ServiceEntry(
@@ -150,3 +152,29 @@ entries = st.builds(
 def test_json_round_trip_is_exact(entry: ServiceEntry) -> None:
     wire = json.loads(json.dumps(entry.to_dict()))
     assert ServiceEntry.from_dict(wire) == entry
+
+
+def test_entry_from_record_matches_from_dict_and_its_errors() -> None:
+    from registry.model import entry_from_record
+
+    entry = make_entry("api", "h1", tags=("a", "b"), metadata={"k": "v"}).stamped(
+        create_revision=3, mod_revision=5, updated_at=12.5
+    )
+    assert entry_from_record(entry.to_record()) == entry
+    assert entry_from_record(entry.to_dict()) == entry
+    record = entry.to_record()
+    assert "ttl_seconds" not in record and "hostname" not in record["network_info"]
+    for bad, field_name in (
+        ({**record, "service_name": "Bad_Name"}, "service_name"),
+        ({**record, "surprise": 1}, None),
+        ({key: value for key, value in record.items() if key != "host_id"}, "host_id"),
+        ({**record, "state": "dancing"}, "state"),
+        ({**record, "network_info": {"ip": "999.1.1.1"}}, "network_info.ip"),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            entry_from_record(bad)
+        with pytest.raises(ValidationError) as expected:
+            ServiceEntry.from_dict(bad)
+        assert caught.value.message == expected.value.message
+        if field_name is not None:
+            assert caught.value.field == field_name
