@@ -242,3 +242,26 @@ def test_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
         assert registry.revision >= acknowledged + 1
     finally:
         registry.close()
+
+
+def test_reads_see_uncommitted_writes_in_order(store: Store) -> None:
+    store.put("events", "00000001", {"n": 1})
+    store.put("events", "00000002", {"n": 2})
+    store.put("events", "00000003", {"n": 3})
+    assert store.get("events", "00000002") == {"n": 2}  # before any commit
+    store.delete("events", "00000002")
+    assert store.get("events", "00000002") is None
+    store.delete_below("events", "00000003")  # must also drop the buffered 00000001
+    store.put("events", "00000002", {"n": "again"})
+    store.commit()
+    assert list(store.scan("events")) == [("00000002", {"n": "again"}), ("00000003", {"n": 3})]
+
+
+def test_many_rows_in_one_commit(store: Store) -> None:
+    for number in range(2500):  # several multi-row statements
+        store.put("allocations", f"k{number:05d}", {"n": number})
+    for number in range(0, 2500, 2):
+        store.delete("allocations", f"k{number:05d}")
+    store.commit()
+    rows = list(store.scan("allocations"))
+    assert len(rows) == 1250 and rows[0] == ("k00001", {"n": 1}) and rows[-1] == ("k02499", {"n": 2499})
