@@ -1,0 +1,116 @@
+"""svcreg: a service registry and ops toolkit for fleets run with Ansible.
+
+The public names live here, whichever module defines them::
+
+    from registry import Registry, ServiceEntry, NetworkInfo, Endpoint, Location, ServiceState
+    from registry import NetworkConfig, NetworkManager, EventType, Event
+    from registry import WsServer, WsClient, BlockingClient, TrioClient, TlsServerConfig, TlsClientConfig
+
+The network side (server, clients, TLS) is imported on first use, so ``import registry``
+for the library alone does not load websockets or prometheus-client.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .core import DEFAULT_EVENT_RETENTION, EndpointRecord, Registry
+from .events import Event, EventFilter, EventType, Subscription
+from .exceptions import (
+    Compacted,
+    ConfigError,
+    Conflict,
+    Forbidden,
+    InternalError,
+    NotFound,
+    PoolExhausted,
+    ProtocolError,
+    RateLimited,
+    RegistryError,
+    ServiceNotFound,
+    StoreError,
+    SubscriptionClosed,
+    SubscriptionLagged,
+    TooLarge,
+    Unauthorized,
+    UnknownAction,
+    ValidationError,
+)
+from .model import Endpoint, Location, NetworkInfo, ServiceEntry, ServiceState
+from .network import Allocation, NetworkConfig, NetworkManager, Topology, detect_topology
+from .store import MemoryStore, SqliteStore, Store
+
+if TYPE_CHECKING:
+    from .client import BlockingClient, ConnectionSettings, TrioClient, WsClient
+    from .server import WsServer
+    from .tls import TlsClientConfig, TlsServerConfig
+
+_LAZY = {
+    "BlockingClient": "client",
+    "ConnectionSettings": "client",
+    "TrioClient": "client",
+    "WsClient": "client",
+    "WsServer": "server",
+    "TlsClientConfig": "tls",
+    "TlsServerConfig": "tls",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'registry' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_EVENT_RETENTION",
+    "Allocation",
+    "BlockingClient",
+    "ConnectionSettings",
+    "Compacted",
+    "ConfigError",
+    "Conflict",
+    "Endpoint",
+    "EndpointRecord",
+    "Event",
+    "EventFilter",
+    "EventType",
+    "Forbidden",
+    "InternalError",
+    "Location",
+    "MemoryStore",
+    "NetworkConfig",
+    "NetworkInfo",
+    "NetworkManager",
+    "NotFound",
+    "PoolExhausted",
+    "ProtocolError",
+    "RateLimited",
+    "Registry",
+    "RegistryError",
+    "ServiceEntry",
+    "ServiceNotFound",
+    "ServiceState",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "Subscription",
+    "SubscriptionClosed",
+    "SubscriptionLagged",
+    "TlsClientConfig",
+    "TlsServerConfig",
+    "TooLarge",
+    "Topology",
+    "TrioClient",
+    "Unauthorized",
+    "UnknownAction",
+    "ValidationError",
+    "WsClient",
+    "WsServer",
+    "__version__",
+    "detect_topology",
+]

@@ -1,0 +1,168 @@
+"""The wire codec, without a network: every frame shape and every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from registry import (
+    Compacted,
+    EventType,
+    Forbidden,
+    NotFound,
+    ProtocolError,
+    ServiceNotFound,
+    SubscriptionLagged,
+    UnknownAction,
+    ValidationError,
+)
+from registry.events import Event
+from registry.exceptions import ERROR_CODES, error_from_wire
+from registry.protocol import (
+    ACTIONS,
+    ClientCodec,
+    ErrorMessage,
+    EventMessage,
+    RequestError,
+    Response,
+    decode_request,
+    encode_error,
+    encode_event,
+    encode_response,
+)
+
+from .helpers import make_entry
+
+
+def frame(**fields: object) -> str:
+    return json.dumps({"id": "1", "type": "request", **fields})
+
+
+def test_round_trip_through_both_halves() -> None:
+    codec = ClientCodec()
+    request_id, text = codec.encode_request("get_service", {"service_name": "postgres", "host_id": None})
+    request = decode_request(text)
+    assert (request.id, request.action, dict(request.params)) == (
+        request_id,
+        "get_service",
+        {"service_name": "postgres"},
+    )
+    entry = make_entry()
+    message = codec.decode(encode_response(request.id, entry))
+    assert isinstance(message, Response)
+    assert message.result == entry.to_dict()
+
+
+def test_request_ids_are_unique() -> None:
+    codec = ClientCodec()
+    assert len({codec.encode_request("ping")[0] for _ in range(100)}) == 100
+
+
+@pytest.mark.parametrize(
+    ("text", "request_id", "fragment"),
+    [
+        ("{not json", None, "not valid JSON"),
+        ("[1, 2]", None, "must be a JSON object"),
+        (json.dumps({"type": "request", "action": "ping"}), None, "id is missing"),
+        (json.dumps({"id": 7, "type": "request", "action": "ping"}), None, "must be a string"),
+        (json.dumps({"id": "x" * 129, "type": "request", "action": "ping"}), None, "1-128"),
+        (frame(type="response", action="ping"), "1", "type must be 'request'"),
+        (frame(action=5), "1", "action must be a string"),
+        (frame(action="ping", extra=1), "1", "unknown request field"),
+        (frame(action="ping", params=[1]), "1", "params must be an object"),
+        (frame(action="get_service", params={}), "1", "'service_name' is required"),
+        (frame(action="get_service", params={"service_name": 5}), "1", "must be string, got integer 5"),
+        (frame(action="subscribe", params={"since_revision": True}), "1", "must be integer, got boolean"),
+        (frame(action="subscribe", params={"since_revision": "3"}), "1", "must be integer, got string"),
+        (frame(action="ping", params={"loud": True}), "1", "unknown param(s) loud"),
+        (b"\xff\xfe", None, "not valid JSON"),
+    ],
+)
+def test_bad_frames_get_one_clear_error(text: str | bytes, request_id: str | None, fragment: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        decode_request(text)
+    assert caught.value.request_id == request_id
+    assert fragment in caught.value.message
+    assert caught.value.code == "bad_request"
+    wire = json.loads(encode_error(caught.value.request_id, caught.value))
+    assert wire["type"] == "error" and wire["id"] == request_id and wire["error"]["code"] == "bad_request"
+
+
+def test_unknown_action_keeps_the_request_id() -> None:
+    with pytest.raises(UnknownAction) as caught:
+        decode_request(frame(action="launch_missiles"))
+    assert caught.value.details["id"] == "1"
+    assert "launch_missiles" in caught.value.message
+
+
+def test_client_refuses_unknown_actions_before_sending() -> None:
+    with pytest.raises(UnknownAction):
+        ClientCodec().encode_request("launch_missiles")
+
+
+def test_every_action_has_a_role_and_typed_params() -> None:
+    assert {"ping", "authenticate"} == {name for name, spec in ACTIONS.items() if spec.role is None}
+    for spec in ACTIONS.values():
+        for param in spec.params.values():
+            assert param.describe()
+
+
+def test_errors_come_back_as_their_classes() -> None:
+    codec = ClientCodec()
+    for code, cls in ERROR_CODES.items():
+        message = codec.decode(
+            encode_error(
+                "9", cls("boom") if cls is not Compacted else cls("old", oldest_revision=5, requested_revision=1)
+            )
+        )
+        assert isinstance(message, ErrorMessage)
+        assert type(message.error) is cls
+        assert message.error.code == code
+    compacted = codec.decode(encode_error("1", Compacted("old", oldest_revision=5, requested_revision=1))).error
+    assert isinstance(compacted, Compacted) and compacted.oldest_revision == 5
+    lagged = error_from_wire("rate_limited", "slow", {"last_revision": 7})
+    assert lagged.details["last_revision"] == 7
+    missing = codec.decode(encode_error("2", ServiceNotFound("gone"))).error
+    assert missing.code == "not_found"
+    invalid = codec.decode(encode_error("3", ValidationError("bad", field="params.x"))).error
+    assert isinstance(invalid, ValidationError) and invalid.field == "params.x"
+    assert error_from_wire("no_such_code", "?").code == "internal"
+    assert isinstance(SubscriptionLagged("x", last_revision=1), ERROR_CODES["rate_limited"])
+
+
+def test_subclasses_that_share_a_code_come_back_as_themselves() -> None:
+    codec = ClientCodec()
+    missing = codec.decode(encode_error("2", ServiceNotFound("gone", details={"service_name": "x"}))).error
+    assert type(missing) is ServiceNotFound and missing.code == "not_found" and missing.message == "gone"
+    lagged = codec.decode(encode_error(None, SubscriptionLagged("slow", last_revision=7))).error
+    assert type(lagged) is SubscriptionLagged and lagged.last_revision == 7
+    bad = codec.decode(encode_error("3", RequestError("bad", request_id="3", field="params.x"))).error
+    assert type(bad) is ProtocolError and bad.field == "params.x"  # RequestError is server-side only
+    # The code is authoritative: a class that is not a subclass of the code's class is ignored.
+    forged = {"id": "4", "type": "error", "error": {"code": "forbidden", "message": "no", "class": "ServiceNotFound"}}
+    assert type(codec.decode(json.dumps(forged)).error) is Forbidden
+    odd = {"id": "5", "type": "error", "error": {"code": "not_found", "message": "?", "class": ["x"]}}
+    assert type(codec.decode(json.dumps(odd)).error) is NotFound
+
+
+def test_event_frames() -> None:
+    event = Event(EventType.SERVICE_REGISTERED, 42, {"service": make_entry().to_dict()}, 1.5)
+    text = encode_event("sub-3", event)
+    wire = json.loads(text)
+    assert wire["type"] == "event" and wire["subscription"] == "sub-3"
+    assert wire["event"] == "ServiceRegistered" and wire["revision"] == 42
+    message = ClientCodec().decode(text)
+    assert isinstance(message, EventMessage)
+    assert message.event == event
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["nope", "[]", json.dumps({"type": "gossip"}), json.dumps({"type": "event", "event": "Nope", "revision": 1})],
+)
+def test_client_rejects_garbage_from_the_server(text: str) -> None:
+    from registry import ProtocolError
+
+    with pytest.raises(ProtocolError):
+        ClientCodec().decode(text)
