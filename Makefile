@@ -5,10 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 VAR := var
-DB ?= $(VAR)/registry.db
+SVCREG_HOME ?= $(VAR)/svcreg
 NETWORKS ?= inventories/services.yaml
 
-.PHONY: run test test-fast lint bench venv system-deps clean
+.PHONY: run test test-fast lint bench venv system-deps clean sanity
 
 $(INSTALLED): pyproject.toml
 	@scripts/ensure-python-venv "$(PYTHON)"
@@ -22,10 +22,14 @@ venv: $(INSTALLED)
 system-deps:
 	@scripts/ensure-system-deps
 
-## run: create the venv and start the registry on the embedded store ($(DB))
+## run: create the venv, set up $(SVCREG_HOME) on first run (svcreg init), serve the registry over TLS
 run: $(INSTALLED)
-	@mkdir -p $(VAR)
-	$(VENV)/bin/svcreg demo --db $(DB) --networks $(NETWORKS)
+	@if [ ! -e "$(SVCREG_HOME)/svcreg.yaml" ]; then \
+		mkdir -p -m 700 "$(SVCREG_HOME)" && \
+		{ [ -e "$(SVCREG_HOME)/services.yaml" ] || install -m 644 "$(NETWORKS)" "$(SVCREG_HOME)/services.yaml"; } && \
+		$(VENV)/bin/svcreg init "$(SVCREG_HOME)"; \
+	fi
+	exec $(VENV)/bin/svcreg serve --config "$(SVCREG_HOME)/svcreg.yaml"
 
 ## test: every test the project has (lint, unit, property, netns, kill -9)
 test: $(INSTALLED) system-deps lint
@@ -38,6 +42,11 @@ test-fast: $(INSTALLED) lint
 lint: $(INSTALLED)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+## sanity: ansible-test sanity for the collection (offline get-pip stand-in when the download fails)
+sanity: $(INSTALLED)
+	cd ansible_collections/svcreg/registry && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
+		$(CURDIR)/scripts/ansible-test-offline sanity --venv --python 3.11
 
 ## bench: the benchmarks in bench/ (numbers for the notes, not pass/fail)
 bench: $(INSTALLED)
