@@ -7,8 +7,11 @@ import ipaddress
 import logging
 import os
 import re
+import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -314,11 +317,37 @@ def test_a_directory_instead_of_a_key_is_named(pki: Pki, tmp_path: Path) -> None
     assert caught.value.field == "tls.key"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
 def test_unreadable_key_is_named(pki: Pki) -> None:
     pki.key.chmod(0)
-    with pytest.raises(ConfigError, match=r"server\.key cannot be read: Permission denied"):
-        TlsServerConfig.from_files(pki.cert, pki.key)
+    if os.geteuid() != 0:
+        with pytest.raises(ConfigError, match=r"server\.key cannot be read: Permission denied"):
+            TlsServerConfig.from_files(pki.cert, pki.key)
+        return
+    # Root reads every file: check in a child without the capabilities that let it.
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed to test permission errors as root"
+    script = (
+        "import sys\nfrom registry.exceptions import ConfigError\nfrom registry.tls import TlsServerConfig\n"
+        "try:\n    TlsServerConfig.from_files(sys.argv[1], sys.argv[2])\n"
+        "except ConfigError as exc:\n    print(exc.message)\n"
+    )
+    child = subprocess.run(
+        [
+            setpriv,
+            "--bounding-set",
+            "-dac_override,-dac_read_search",
+            sys.executable,
+            "-c",
+            script,
+            str(pki.cert),
+            str(pki.key),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert re.search(r"server\.key cannot be read: Permission denied", child.stdout), child.stdout + child.stderr
 
 
 def test_files_that_are_not_pem(pki: Pki, tmp_path: Path) -> None:
