@@ -20,11 +20,13 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -108,7 +110,10 @@ async def bench(options: argparse.Namespace) -> dict[str, float]:
             [sys.executable, "-m", "registry.cli", "init", str(home)], env=env, check=True, capture_output=True
         )
         config = home / "svcreg.yaml"
-        text = config.read_text().replace("127.0.0.1:9443", "127.0.0.1:0")
+        with socket.socket() as probe:  # the config wants a real port
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]
+        text = config.read_text().replace("127.0.0.1:9443", f"127.0.0.1:{free}")
         text = text.replace("max_connections: 1000", f"max_connections: {options.subscribers + 100}")
         config.write_text(text)
         token = (home / "admin.token").read_text().strip()
@@ -125,8 +130,14 @@ async def bench(options: argparse.Namespace) -> dict[str, float]:
         )
         try:
             assert server.stdout is not None and echo.stdout is not None
-            line = server.stdout.readline()
+            for line in server.stdout:  # warnings may come before the banner
+                if "serving wss://" in line:
+                    break
+            else:
+                raise SystemExit("svcreg serve did not start")
             port = int(line.split("wss://")[1].split("/")[0].rsplit(":", 1)[1])
+            # Keep reading its output: a full pipe would stall the server mid-benchmark.
+            threading.Thread(target=lambda: [None for _ in server.stdout], daemon=True).start()
             echo_port = int(echo.stdout.readline())
             tls = TlsClientConfig(ca_file=str(home / "tls/ca.crt"))
             settings = ConnectionSettings(f"wss://127.0.0.1:{port}/", tls, token, timeout=60)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import asyncio.sslproto
 import contextlib
 import json
 import logging
@@ -162,7 +163,21 @@ def cmd_init(options: argparse.Namespace) -> int:
 def cmd_serve(options: argparse.Namespace) -> int:
     config_path = Path(options.config) if options.config else default_config_dir() / "svcreg.yaml"
     config = ServerConfig.from_file(config_path)
+    _shrink_tls_read_buffers()
     return asyncio.run(_serve(config, topology_interval=options.topology_interval))
+
+
+_TLS_READ_BUFFER = 32 * 1024
+
+
+def _shrink_tls_read_buffers() -> None:
+    """asyncio gives every TLS connection a zero-filled 256 KiB read buffer (``SSLProtocol.max_size``):
+    with a thousand idle subscribers that is most of the server's memory. Registry frames are
+    small; 32 KiB chunks read large ones just as well. Done here, for the ``serve`` process only,
+    not in the library, because it is process-wide."""
+    protocol = getattr(asyncio.sslproto, "SSLProtocol", None)
+    if protocol is not None and getattr(protocol, "max_size", 0) > _TLS_READ_BUFFER:
+        protocol.max_size = _TLS_READ_BUFFER
 
 
 async def _serve(config: ServerConfig, *, topology_interval: float) -> int:

@@ -227,6 +227,10 @@ class WsServer:
             ping_interval=limits.ping_interval,
             ping_timeout=limits.ping_timeout,
             server_header="svcreg",
+            # No permessage-deflate: registry frames are small JSON, and a deflate context
+            # per connection costs ~200 KiB of memory and a compression pass per subscriber
+            # for every event fanned out.
+            compression=None,
         )
         log.info("serving on %s", ", ".join(_format_sockname(s.getsockname()) for s in self._server.sockets))
         if watch_topology:

@@ -217,3 +217,26 @@ def test_serve_refuses_a_bad_topology_interval(home: tuple[Path, dict[str, str]]
 def _read_client_env(path: Path) -> dict[str, str]:
     pairs = (line.partition("=") for line in path.read_text().splitlines() if line and not line.startswith("#"))
     return {key: value for key, _, value in pairs}
+
+
+def test_large_frames_pass_the_servers_small_tls_read_buffer(server: Server) -> None:
+    """serve reads TLS in 32 KiB chunks (to keep idle connections small): big frames still arrive whole."""
+    settings = _read_client_env(server.home / "client.env")
+    context = ssl.create_default_context(cafile=settings["SVCREG_CA"])
+    headers = {"Authorization": f"Bearer {settings['SVCREG_TOKEN']}"}
+    metadata = {f"key-{number}": os.urandom(1500).hex() for number in range(64)}  # ~190 KiB of random text
+    service = {
+        "service_name": "big",
+        "host_id": "h1",
+        "location": "local",
+        "network_info": {"ip": "127.0.0.1"},
+        "metadata": metadata,
+    }
+    request = {"id": "1", "type": "request", "action": "register_service", "params": {"service": service}}
+    with connect(settings["SVCREG_URL"], ssl=context, additional_headers=headers, max_size=2**21) as client:
+        client.send(json.dumps(request))
+        assert json.loads(client.recv(timeout=20))["result"]["metadata"] == metadata
+        client.send(
+            json.dumps({"id": "2", "type": "request", "action": "get_service", "params": {"service_name": "big"}})
+        )
+        assert json.loads(client.recv(timeout=20))["result"]["metadata"] == metadata
