@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection as SyncConnection
 from websockets.sync.client import connect as sync_connect
 
@@ -210,7 +210,7 @@ class WsClient(_Actions):
                 open_timeout=settings.timeout,
                 max_size=settings.max_message_size,
             )
-        except (OSError, TimeoutError, InvalidStatus, InvalidURI, ConnectionClosed) as exc:
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
             raise _connect_error(settings.url, exc) from None
         return cls(connection, settings)
 
@@ -393,7 +393,7 @@ class BlockingClient(_Actions):
                     max_size=settings.max_message_size,
                 )
             )
-        except (OSError, TimeoutError, InvalidStatus, InvalidURI, ConnectionClosed) as exc:
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
             raise _connect_error(settings.url, exc) from None
 
     @classmethod
@@ -509,7 +509,7 @@ class TrioClient(_Actions):
                     max_size=self._settings.max_message_size,
                 )
             )
-        except (OSError, TimeoutError, InvalidStatus, InvalidURI, ConnectionClosed) as exc:
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
             await self._stack.aclose()
             raise _connect_error(self._settings.url, exc) from None
         self._events_send, self._events_receive = trio.open_memory_channel(_EVENT_QUEUE)

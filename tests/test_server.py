@@ -520,3 +520,58 @@ async def test_an_unreadable_frame_fails_the_calls_at_once(pki: Pki) -> None:
             assert loop.time() - began < 5
         finally:
             await client.close()
+
+
+async def test_client_certificates_authenticate_with_the_role_of_their_name(tmp_path: Path, tokens) -> None:
+    """mTLS: a certificate from the client CA is a login; its CN picks the role (a token entry's name)."""
+    server_ca, client_ca = trustme.CA(), trustme.CA()
+    pki = write_pki(tmp_path, server_ca)
+    client_ca_file = tmp_path / "client-ca.crt"
+    client_ca.cert_pem.write_to_path(str(client_ca_file))
+    server_tls = TlsServerConfig.from_files(pki.server.cert, pki.server.key, client_ca=client_ca_file)
+    token_registry, _ = tokens
+    token_registry.add("deploy-bot", Role.WRITE)
+    running = await start(tmp_path, Pki(server_ca, pki.ca_file, server_tls), tokens)
+
+    def certificate_client(name: str, ca: trustme.CA) -> ConnectionSettings:
+        leaf = ca.issue_cert(f"{name}.example", common_name=name)
+        cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+        cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        key.write_bytes(leaf.private_key_pem.bytes())
+        key.chmod(0o600)
+        return ConnectionSettings(running.url, TlsClientConfig(ca_file=str(pki.ca_file), cert=str(cert), key=str(key)))
+
+    try:
+        async with await WsClient.connect(certificate_client("deploy-bot", client_ca)) as bot:
+            registered = await bot.register_service(make_entry("api", "h1").to_dict())
+            assert registered.service_name == "api"
+        async with await WsClient.connect(certificate_client("stranger", client_ca)) as stranger:
+            assert [entry.service_name for entry in await stranger.list_services()] == ["api"]  # read role
+            with pytest.raises(Forbidden, match="write"):
+                await stranger.remove_service("api", "h1")
+        # a certificate from another CA does not get through the handshake
+        with pytest.raises(ConnectionFailed):
+            await WsClient.connect(certificate_client("deploy-bot", trustme.CA()))
+    finally:
+        await running.server.close()
+        running.registry.close()
+
+
+async def test_location_aware_listing_through_the_server(running: Running) -> None:
+    """A read caller on the registry host sees only its own host's local services; admin sees all."""
+    running.server.registry_host = "registry-host"
+    async with await running.client("admin") as admin:
+        for host in ("registry-host", "other-host"):
+            await admin.register_service(make_entry("cache", host, ip="127.0.0.1", location=Location.LOCAL).to_dict())
+        await admin.register_service(make_entry("api", "prod-1", ip="192.168.1.20").to_dict())
+        assert sorted(e.host_id for e in await admin.list_services(service_name="cache")) == [
+            "other-host",
+            "registry-host",
+        ]
+    async with await running.client("read") as reader:
+        assert sorted((e.service_name, e.host_id) for e in await reader.list_services()) == [
+            ("api", "prod-1"),
+            ("cache", "registry-host"),
+        ]
+        with pytest.raises(ServiceNotFound):  # invisible is reported exactly like missing
+            await reader.get_service("cache", "other-host")
