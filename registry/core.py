@@ -356,6 +356,32 @@ class Registry:
         placed = [
             self._place(item if isinstance(item, ServiceEntry) else ServiceEntry.from_dict(item)) for item in entries
         ]
+        return self._apply(placed)
+
+    def add_or_update_each(
+        self, entries: Iterable[ServiceEntry | Mapping[str, Any]]
+    ) -> list[ServiceEntry | ValidationError]:
+        """:meth:`add_or_update` for many independent writers with one commit.
+
+        Unlike :meth:`add_or_update_many`, a bad entry fails alone: its slot in the result
+        holds the ``ValidationError`` and the others are applied (the server coalesces
+        concurrent ``register_service`` requests this way).
+        """
+        outcomes: list[ServiceEntry | ValidationError] = []
+        placed: list[ServiceEntry] = []
+        for item in entries:
+            try:
+                entry = self._place(item if isinstance(item, ServiceEntry) else ServiceEntry.from_dict(item))
+            except ValidationError as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(entry)
+                placed.append(entry)
+        stored = iter(self._apply(placed))
+        return [outcome if isinstance(outcome, ValidationError) else next(stored) for outcome in outcomes]
+
+    def _apply(self, placed: list[ServiceEntry]) -> list[ServiceEntry]:
+        """Write validated, placed entries in order with one commit; returns them as stored."""
         stored_entries: list[ServiceEntry] = []
         last_revision = 0
         with self._lock:

@@ -82,6 +82,52 @@ class _Then:
     after: Callable[[], None]
 
 
+class _RegisterBatcher:
+    """Coalesces concurrent ``register_service`` requests into one core call and one commit.
+
+    One batch is in flight at a time; requests that arrive meanwhile form the next batch.
+    A single request alone is written at once, so nothing waits for company. A bad entry
+    fails alone (``Registry.add_or_update_each``).
+    """
+
+    MAX_BATCH = 512
+
+    def __init__(self, registry: Registry, spawn: Callable[[Coroutine[Any, Any, Any]], None]) -> None:
+        self._registry = registry
+        self._spawn = spawn
+        self._pending: list[tuple[ServiceEntry, asyncio.Future[ServiceEntry]]] = []
+        self._running = False
+
+    async def submit(self, entry: ServiceEntry) -> ServiceEntry:
+        future: asyncio.Future[ServiceEntry] = asyncio.get_running_loop().create_future()
+        self._pending.append((entry, future))
+        if not self._running:
+            self._running = True
+            self._spawn(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self.MAX_BATCH], self._pending[self.MAX_BATCH :]
+                try:
+                    outcomes = await asyncio.to_thread(self._registry.add_or_update_each, [e for e, _ in batch])
+                except Exception as exc:  # the store failed: every writer in the batch hears it
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():  # the requester went away
+                        continue
+                    if isinstance(outcome, Exception):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        finally:
+            self._running = False
+
+
 @dataclass(eq=False)
 class _Session:
     connection: ServerConnection
@@ -176,6 +222,7 @@ class WsServer:
         self._sessions: set[_Session] = set()
         self._principals: dict[ServerConnection, Principal] = {}
         self._background: set[asyncio.Future[Any]] = set()
+        self._registrations = _RegisterBatcher(registry, self._spawn)
         self._handlers: dict[str, Callable[[_Session, Request], Awaitable[Any]]] = {
             "ping": self._ping,
             "authenticate": self._authenticate,
@@ -596,7 +643,7 @@ class WsServer:
 
     async def _register_service(self, session: _Session, request: Request) -> Any:
         entry = ServiceEntry.from_dict(request.params["service"])
-        return await asyncio.to_thread(self.registry.add_or_update, entry)
+        return await self._registrations.submit(entry)
 
     async def _remove_service(self, session: _Session, request: Request) -> Any:
         params = request.params

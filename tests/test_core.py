@@ -304,3 +304,15 @@ def test_add_or_update_many_is_all_or_nothing(registry: Registry) -> None:
         registry.add_or_update_many([make_entry("d"), bad])
     assert [entry.service_name for entry in registry.list_services()] == ["a", "b"]
     assert [event.revision for event in iter(subscription.get_nowait, None)] == [1, 2]
+
+
+def test_add_or_update_each_fails_bad_entries_alone(registry: Registry) -> None:
+    good = make_entry("api", "h1")
+    bad = dict(make_entry("web", "h2").to_dict(), service_name="Not_A_Name")
+    subscription = registry.subscribe(None)
+    first, failed, second = registry.add_or_update_each([good, bad, make_entry("db", "h3")])
+    assert (first.service_name, first.mod_revision) == ("api", 1)
+    assert isinstance(failed, ValidationError) and failed.field == "service_name"
+    assert (second.service_name, second.mod_revision) == ("db", 2)
+    assert [event.revision for event in (subscription.get(timeout=1), subscription.get(timeout=1))] == [1, 2]
+    assert sorted(entry.service_name for entry in registry.list_services()) == ["api", "db"]

@@ -575,3 +575,27 @@ async def test_location_aware_listing_through_the_server(running: Running) -> No
         ]
         with pytest.raises(ServiceNotFound):  # invisible is reported exactly like missing
             await reader.get_service("cache", "other-host")
+
+
+async def test_concurrent_registrations_share_commits_and_fail_alone(running: Running) -> None:
+    commits = []
+    observer = running.registry.store.commit_observer
+    running.registry.store.commit_observer = lambda seconds: (commits.append(seconds), observer and observer(seconds))
+    clients = [await running.client("write") for _ in range(20)]
+    try:
+        entries = [make_entry(f"svc-{n}", "h1").to_dict() for n in range(20)]
+        # an address in the lan network 'tiny' claimed as wireguard: the networks config refuses it
+        entries[7]["network_info"] = {"ip": "10.9.9.2"}
+        entries[7]["location"] = "wireguard"
+        outcomes = await asyncio.gather(
+            *(client.register_service(entry) for client, entry in zip(clients, entries, strict=True)),
+            return_exceptions=True,
+        )
+    finally:
+        for client in clients:
+            await client.close()
+    assert isinstance(outcomes[7], ValidationError) and "location" in outcomes[7].message
+    stored = [outcome for number, outcome in enumerate(outcomes) if number != 7]
+    assert sorted(entry.mod_revision for entry in stored) == list(range(1, 20))  # one revision each, no gaps
+    assert len(running.registry.list_services()) == 19
+    assert len(commits) < 19  # writes that arrived together were committed together
