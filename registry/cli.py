@@ -565,6 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if options.verbose else logging.WARNING, format="svcreg: %(levelname)s %(message)s"
     )
+    # websockets logs every frame at DEBUG, and an `authenticate` frame carries a token:
+    # frames are never logged, even with --verbose.
+    logging.getLogger("websockets").setLevel(logging.INFO)
     try:
         return options.handler(options)
     except RegistryError as exc:

@@ -56,9 +56,9 @@ class ServeProcess:
     after 64 KiB of log lines and then blocks the server in the middle of a request.
     """
 
-    def __init__(self, config: Path, env: dict[str, str], *options: str) -> None:
+    def __init__(self, config: Path, env: dict[str, str], *options: str, verbose: bool = False) -> None:
         self.process = subprocess.Popen(
-            [*SVCREG, "serve", "--config", str(config), *options],
+            [*SVCREG, *(["--verbose"] if verbose else []), "serve", "--config", str(config), *options],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -240,3 +240,22 @@ def test_large_frames_pass_the_servers_small_tls_read_buffer(server: Server) -> 
             json.dumps({"id": "2", "type": "request", "action": "get_service", "params": {"service_name": "big"}})
         )
         assert json.loads(client.recv(timeout=20))["result"]["metadata"] == metadata
+
+
+def test_verbose_serve_never_logs_a_token(home: tuple[Path, dict[str, str]]) -> None:
+    path, env = home
+    serve = ServeProcess(path / "svcreg.yaml", env, verbose=True)
+    try:
+        settings = _read_client_env(path / "client.env")
+        token = settings["SVCREG_TOKEN"]
+        context = ssl.create_default_context(cafile=settings["SVCREG_CA"])
+        with connect(settings["SVCREG_URL"], ssl=context) as client:  # the token in a frame, not a header
+            client.send(
+                json.dumps({"id": "1", "type": "request", "action": "authenticate", "params": {"token": token}})
+            )
+            assert json.loads(client.recv(timeout=10))["result"]["role"] == "admin"
+    finally:
+        assert serve.stop() == 0
+    output = serve.output()
+    assert "DEBUG" in output  # it was verbose
+    assert token[-12:] not in output  # websockets would log the end of the frame that carries it
