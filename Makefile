@@ -8,7 +8,7 @@ VAR := var
 SVCREG_HOME ?= $(VAR)/svcreg
 NETWORKS ?= inventories/services.yaml
 
-.PHONY: run test test-fast lint bench venv system-deps clean sanity
+.PHONY: run test test-fast lint bench venv system-deps clean sanity units
 
 $(INSTALLED): pyproject.toml
 	@scripts/ensure-python-venv "$(PYTHON)"
@@ -31,22 +31,29 @@ run: $(INSTALLED)
 	fi
 	exec $(VENV)/bin/svcreg serve --config "$(SVCREG_HOME)/svcreg.yaml"
 
-## test: every test the project has (lint, unit, property, netns, kill -9)
-test: $(INSTALLED) system-deps lint
+## test: every test the project has (lint, ansible-test sanity and units, unit, property, netns, kill -9)
+test: $(INSTALLED) system-deps lint sanity units
 	$(PY) -m pytest
 
 ## test-fast: the tests that need neither root nor network namespaces
 test-fast: $(INSTALLED) lint
 	$(PY) -m pytest -m "not netns"
 
+## lint: ruff on the Python, ansible-lint on the playbooks (config in .ansible-lint: offline, production profile)
 lint: $(INSTALLED)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ansible-lint playbooks/*.yml
 
 ## sanity: ansible-test sanity for the collection (offline get-pip stand-in when the download fails)
 sanity: $(INSTALLED)
 	cd ansible_collections/svcreg/registry && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
 		$(CURDIR)/scripts/ansible-test-offline sanity --venv --python 3.11
+
+## units: ansible-test units for the collection (tests/unit; its requirements.txt lists what the registry package imports)
+units: $(INSTALLED)
+	cd ansible_collections/svcreg/registry && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
+		$(CURDIR)/scripts/ansible-test-offline units --venv --python 3.11
 
 ## bench: the benchmarks in bench/ (numbers for the notes, not pass/fail)
 bench: $(INSTALLED)
