@@ -567,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # websockets logs every frame at DEBUG, and an `authenticate` frame carries a token:
     # frames are never logged, even with --verbose.
-    logging.getLogger("websockets").setLevel(logging.INFO)
+    logging.getLogger("websockets").setLevel(logging.INFO if options.verbose else logging.WARNING)
     try:
         return options.handler(options)
     except RegistryError as exc:

@@ -259,3 +259,12 @@ def test_verbose_serve_never_logs_a_token(home: tuple[Path, dict[str, str]]) -> 
     output = serve.output()
     assert "DEBUG" in output  # it was verbose
     assert token[-12:] not in output  # websockets would log the end of the frame that carries it
+
+
+def test_quiet_serve_prints_no_per_connection_lines(server: Server) -> None:
+    for _ in range(3):
+        run("services", "list", env=server.env)
+    assert server.stop() == 0
+    output = server.output()
+    assert "connection open" not in output and "connection closed" not in output
+    assert "stopped at revision" in output
