@@ -13,7 +13,8 @@ description:
   - Every node of every network becomes a host (C(name) is the inventory hostname, C(host) becomes
     C(ansible_host), C(ssh_user) becomes C(ansible_user), other node keys become host variables).
     Hosts that only appear as the C(host_id) of a registered instance are added too, with the
-    instance's IP as C(ansible_host).
+    IP of a lan or wireguard instance as C(ansible_host) (none when all are local, since loopback
+    is not a way to reach the host).
   - "Groups: C(network_<name>) per network, C(local), C(lan) and C(wireguard) per network type, and
     C(service_<name>) per service with an instance on the host. Characters other than letters, digits
     and C(_) in names become C(_) (C(api-server) -> C(service_api_server))."
@@ -198,9 +199,15 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                     continue
                 host = self.inventory.add_host(host_id)
                 hosts.append(host)
-                info = entries[0].get("network_info") or {}
-                self.inventory.set_variable(host, "ansible_host", info.get("ip"))
-                self._add_to_network(host, info.get("network"), entries[0].get("location"))
+                # A local instance's address is loopback *on that host*: connecting there would
+                # reach the controller. Take the address of a lan/wireguard instance; with only
+                # local ones, leave ansible_host unset (the host name is resolved as usual).
+                reachable = [entry for entry in entries if entry.get("location") != "local"]
+                chosen = (reachable or entries)[0]
+                info = chosen.get("network_info") or {}
+                if reachable:
+                    self.inventory.set_variable(host, "ansible_host", info.get("ip"))
+                self._add_to_network(host, info.get("network"), chosen.get("location"))
             for entry in entries:
                 self.inventory.add_child(self.inventory.add_group(group_name("service", entry["service_name"])), host_id)
             self.inventory.set_variable(host_id, "svcreg_services", entries)
