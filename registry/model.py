@@ -97,37 +97,26 @@ def _require_str(value: object, field_name: str) -> str:
     return value
 
 
-def validate_service_name(value: object, field_name: str = "service_name") -> str:
-    name = _require_str(value, field_name)
-    if not _SERVICE_NAME.fullmatch(name):
+def _validate_pattern(value: object, field_name: str, pattern: re.Pattern[str], rule: str) -> str:
+    text = _require_str(value, field_name)
+    if not pattern.fullmatch(text):
         raise ValidationError(
-            f"{field_name} {name!r} is invalid: use 1-63 lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit",
+            f"{field_name} {text!r} is invalid: use {rule}, starting and ending with a letter or digit",
             field=field_name,
         )
-    return name
+    return text
+
+
+def validate_service_name(value: object, field_name: str = "service_name") -> str:
+    return _validate_pattern(value, field_name, _SERVICE_NAME, "1-63 lowercase letters, digits and '-'")
 
 
 def validate_host_id(value: object, field_name: str = "host_id") -> str:
-    host_id = _require_str(value, field_name)
-    if not _HOST_ID.fullmatch(host_id):
-        raise ValidationError(
-            f"{field_name} {host_id!r} is invalid: use 1-253 letters, digits, '-', '_', '.', ':', "
-            "starting and ending with a letter or digit",
-            field=field_name,
-        )
-    return host_id
+    return _validate_pattern(value, field_name, _HOST_ID, "1-253 letters, digits, '-', '_', '.', ':'")
 
 
 def validate_network_name(value: object, field_name: str = "network") -> str:
-    name = _require_str(value, field_name)
-    if not _NETWORK_NAME.fullmatch(name):
-        raise ValidationError(
-            f"{field_name} {name!r} is invalid: use 1-63 letters, digits, '-', '_', '.', "
-            "starting and ending with a letter or digit",
-            field=field_name,
-        )
-    return name
+    return _validate_pattern(value, field_name, _NETWORK_NAME, "1-63 letters, digits, '-', '_', '.'")
 
 
 def validate_ip(value: object, field_name: str = "ip") -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -32,7 +32,7 @@ import yaml
 
 from .exceptions import ConfigError, Conflict, InternalError, NotFound, PoolExhausted, ValidationError
 from .model import Location, validate_host_id, validate_ip, validate_network_name
-from .store import Store
+from .store import MemoryStore, Store
 
 __all__ = [
     "Allocation",
@@ -578,8 +578,6 @@ class NetworkManager:
     """
 
     def __init__(self, config: NetworkConfig, store: Store | None = None) -> None:
-        from .store import MemoryStore
-
         self.config = config
         self.store: Store = store if store is not None else MemoryStore()
         self._lock = threading.Lock()
@@ -612,10 +610,7 @@ class NetworkManager:
                 continue
             pool.used[int(netaddr.IPAddress(allocation.ip))] = allocation.owner
             self._by_key[allocation.key] = allocation
-        # Build each pool's cursor state: everything below the cursor is used or freed.
-        for pool in self._pools.values():
-            pool.cursor = pool.first
-            pool.freed = []
+        # The pools' cursors start at the first address and walk past what is loaded here.
 
     def detect(self, *, netns: str | None = None) -> Topology:
         """The host's topology, matched against the configured networks."""
