@@ -8,7 +8,8 @@ code has exactly one class here, and subclasses (``ServiceNotFound`` is a
     RegistryError                      (abstract base, never raised itself)
     ├── ValidationError                bad_request      bad input: a field, a value, a file
     │   ├── ConfigError                                 services.yaml / config file problems
-    │   └── ProtocolError                               malformed wire message
+    │   ├── ProtocolError                               malformed wire message
+    │   └── PackageError                                a service package refused (member, reason)
     ├── UnknownAction                  unknown_action
     ├── Unauthorized                   unauthorized
     ├── Forbidden                      forbidden
@@ -16,6 +17,7 @@ code has exactly one class here, and subclasses (``ServiceNotFound`` is a
     │   ├── ServiceNotFound
     │   └── SubscriptionClosed                          reading a closed subscription
     ├── Conflict                       conflict
+    ├── DeployFailed                   deploy_failed    a deployment ran and failed on a host
     ├── PoolExhausted                  pool_exhausted
     ├── Compacted                      compacted        resume point older than the retained log
     ├── TooLarge                       too_large
@@ -39,9 +41,11 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "ConnectionFailed",
+    "DeployFailed",
     "Forbidden",
     "InternalError",
     "NotFound",
+    "PackageError",
     "PoolExhausted",
     "ProtocolError",
     "RateLimited",
@@ -95,6 +99,19 @@ class ProtocolError(ValidationError):
     """A wire message could not be understood."""
 
 
+class PackageError(ValidationError):
+    """A service package is refused: ``details`` names the ``member`` (if any) and the ``reason``."""
+
+    def __init__(self, message: str, *, member: str | None = None, package: str | None = None) -> None:
+        details: dict[str, Any] = {}
+        if member is not None:
+            details["member"] = member
+        if package is not None:
+            details["package"] = package
+        super().__init__(message, details=details)
+        self.member = member
+
+
 class UnknownAction(RegistryError):
     code = "unknown_action"
 
@@ -121,6 +138,12 @@ class SubscriptionClosed(NotFound):
 
 class Conflict(RegistryError):
     code = "conflict"
+
+
+class DeployFailed(RegistryError):
+    """A deployment ran and failed (a script, a health check, an unreachable host)."""
+
+    code = "deploy_failed"
 
 
 class PoolExhausted(RegistryError):
@@ -184,6 +207,7 @@ def _wire_classes() -> dict[str, type[RegistryError]]:
         Forbidden,
         NotFound,
         Conflict,
+        DeployFailed,
         PoolExhausted,
         Compacted,
         TooLarge,
