@@ -21,12 +21,12 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .auth import Role
 from .client import BlockingClient, ConnectionSettings, WsClient
-from .config import ServerConfig, add_token, default_config_dir, init_directory
+from .config import DeployConfig, ServerConfig, add_token, default_config_dir, init_directory
 from .core import Registry
 from .events import Event, EventType, parse_event_types
 from .exceptions import (
@@ -39,7 +39,11 @@ from .exceptions import (
 )
 from .model import Endpoint, Location, NetworkInfo, ServiceEntry
 from .network import NetworkConfig, NetworkManager
+from .package import build_package, inspect_package
 from .tls import TlsClientConfig
+
+if TYPE_CHECKING:
+    from .jobs import DeployJobs
 
 __all__ = ["main"]
 
@@ -199,6 +203,7 @@ async def _serve(config: ServerConfig, *, topology_interval: float) -> int:
         event_retention=config.event_retention,
     )
     server: WsServer | None = None
+    deploys = _deploy_jobs(config, registry, networks)
     try:
         manager = NetworkManager(networks, store=registry.store) if networks is not None else None
         registry.start_reaper()
@@ -210,6 +215,7 @@ async def _serve(config: ServerConfig, *, topology_interval: float) -> int:
             networks=manager,
             limits=config.limits,
             topology_interval=topology_interval,
+            deploys=deploys,
         )
         print(
             f"svcreg {__version__} serving wss://{server.address}/ (store {config.db}, revision {registry.revision})",
@@ -220,9 +226,31 @@ async def _serve(config: ServerConfig, *, topology_interval: float) -> int:
     finally:
         if server is not None:
             await server.close(timeout=10)
+        await deploys.close()
         await asyncio.to_thread(registry.close)
     print(f"stopped at revision {registry.revision}", flush=True)
     return EXIT_OK
+
+
+def _deploy_jobs(config: ServerConfig, registry: Registry, networks: NetworkConfig | None) -> DeployJobs:
+    from .deploy import PackageDeployer
+    from .jobs import DeployJobs
+    from .package import Limits as PackageLimits
+
+    settings = config.deploy or DeployConfig.default(config.db.parent)
+    for folder in (settings.packages_dir, settings.work_dir):
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    deployer = PackageDeployer(
+        registry,
+        networks=networks,
+        known_hosts=settings.known_hosts,
+        host_key_checking=settings.host_key_checking,
+        work_dir=settings.work_dir,
+        keep_artifacts=settings.keep_artifacts,
+        limits=PackageLimits(max_size=settings.max_package_size),
+        timeout=settings.timeout,
+    )
+    return DeployJobs(deployer, settings, networks)
 
 
 def _positive_seconds(text: str) -> float:
@@ -384,6 +412,37 @@ def cmd_ip_list(options: argparse.Namespace) -> int:
 
 
 # --- the demo (the library on its own, no server) -------------------------------------------------------
+
+
+def _package_rows(package: Any) -> list[list[str]]:
+    manifest = package.manifest
+    health = manifest.health
+    rows = [
+        ["file", str(package.path)],
+        ["name", manifest.name],
+        ["version", manifest.version],
+        ["description", manifest.description],
+        ["sha256", package.sha256],
+        ["size", f"{package.size:,} bytes ({package.unpacked_size:,} unpacked, {len(package.members)} members)"],
+        ["endpoints", ", ".join(f"{e.name}:{e.port}/{e.protocol}" for e in manifest.endpoints) or "-"],
+        ["health", "-" if health is None else (f"tcp {health.host}:{health.tcp}" if health.tcp else health.command)],
+        ["env", ", ".join(var.name + ("" if var.required else f"={var.default}") for var in manifest.env) or "-"],
+        ["start / stop", f"{manifest.start} / {manifest.stop}"],
+    ]
+    if health is not None:
+        rows[7][1] += f" (timeout {health.timeout:g} s)"
+    return rows
+
+
+def cmd_package_build(options: argparse.Namespace) -> int:
+    package = build_package(options.directory, options.output)
+    _emit(options, package, _package_rows, ["FIELD", "VALUE"])
+    return EXIT_OK
+
+
+def cmd_package_inspect(options: argparse.Namespace) -> int:
+    _emit(options, inspect_package(options.file), _package_rows, ["FIELD", "VALUE"])
+    return EXIT_OK
 
 
 def cmd_demo(options: argparse.Namespace) -> int:
@@ -550,6 +609,19 @@ def build_parser() -> argparse.ArgumentParser:
     ip_list.add_argument("--network")
     _add_connection_options(ip_list)
     ip_list.set_defaults(handler=cmd_ip_list)
+
+    package = commands.add_parser("package", help="build and inspect service packages").add_subparsers(
+        dest="package_command", required=True
+    )
+    build = package.add_parser("build", help="make NAME-VERSION.tar.gz from a directory holding manifest.yaml")
+    build.add_argument("directory", type=Path)
+    build.add_argument("-o", "--output", type=Path, help="folder for the package (default: the directory's parent)")
+    build.add_argument("--json", action="store_true", help="print JSON")
+    build.set_defaults(handler=cmd_package_build)
+    inspect = package.add_parser("inspect", help="validate a package and show its manifest")
+    inspect.add_argument("file", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(handler=cmd_package_inspect)
 
     demo = commands.add_parser("demo", help="run the library demo on the embedded store (no server)")
     demo.add_argument("--db", type=Path, default=Path("var/registry.db"))

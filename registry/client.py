@@ -28,7 +28,7 @@ from .core import EndpointRecord
 from .events import Event, EventType
 from .exceptions import Compacted, ConnectionFailed, Forbidden, RegistryError, Unauthorized, ValidationError
 from .model import Location, ServiceEntry, ServiceState
-from .protocol import ClientCodec, ErrorMessage, EventMessage, Response
+from .protocol import ClientCodec, ErrorMessage, EventMessage, JobMessage, Response
 from .tls import TlsClientConfig
 
 __all__ = ["BlockingClient", "ConnectionSettings", "TrioClient", "WsClient", "registry_url"]
@@ -163,6 +163,43 @@ class _Actions:
     def list_allocations(self, network: str | None = None) -> Any:
         return self._call("list_allocations", {"network": network})
 
+    def deploy_package(
+        self,
+        package: str,
+        *,
+        node: str | None = None,
+        target: Mapping[str, Any] | None = None,
+        targets: Iterable[str | Mapping[str, Any]] | None = None,
+        env: Mapping[str, str] | None = None,
+        keep_releases: int | None = None,
+    ) -> Any:
+        """Start a deployment (admin); the answer is the job summary, progress follows as job messages.
+
+        ``package`` is a file in the registry's packages folder; the targets are node names from
+        its networks file or ``{host, ssh_user, ssh_key, install_base, port, name}`` objects.
+        """
+        return self._call(
+            "deploy_package",
+            {
+                "package": package,
+                "node": node,
+                "target": dict(target) if target is not None else None,
+                "targets": [item if isinstance(item, str) else dict(item) for item in targets] if targets else None,
+                "env": dict(env) if env is not None else None,
+                "keep_releases": keep_releases,
+            },
+        )
+
+    def watch_job(self, job: str) -> Any:
+        """The job's summary and past events; later progress arrives as job messages."""
+        return self._call("watch_job", {"job": job})
+
+    def get_job(self, job: str) -> Any:
+        return self._call("get_job", {"job": job})
+
+    def list_jobs(self) -> Any:
+        return self._call("list_jobs")
+
     def _subscribe_params(
         self,
         events: Iterable[EventType | str] | None,
@@ -186,6 +223,7 @@ class WsClient(_Actions):
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._events: asyncio.Queue[Event | RegistryError] = asyncio.Queue(maxsize=_EVENT_QUEUE)
         self._last_revision: dict[str, int] = {}
+        self._jobs: dict[str, asyncio.Queue[JobMessage | RegistryError]] = {}
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -252,6 +290,8 @@ class WsClient(_Actions):
                 if isinstance(message, EventMessage):
                     self._last_revision[message.subscription] = message.event.revision
                     await self._events.put(message.event)
+                elif isinstance(message, JobMessage):
+                    self._job_queue(message.job).put_nowait(message)
                 elif isinstance(message, Response):
                     self._resolve(message.id, result=message.result)
                 elif message.id is not None:
@@ -271,6 +311,31 @@ class WsClient(_Actions):
                 if not future.done():
                     future.set_exception(failure)
             self._events.put_nowait(failure) if not self._events.full() else None
+            for queue in self._jobs.values():
+                queue.put_nowait(failure)
+
+    def _job_queue(self, job: str) -> asyncio.Queue[JobMessage | RegistryError]:
+        return self._jobs.setdefault(job, asyncio.Queue())
+
+    async def job_messages(self, job: str, timeout: float | None = None) -> AsyncIterator[JobMessage]:
+        """The job's progress messages as they arrive, ending with its ``finished`` message.
+
+        Call after :meth:`deploy_package` or :meth:`watch_job` (which replays past events in
+        its answer). ``timeout`` bounds the wait for each message.
+        """
+        queue = self._job_queue(job)
+        if self._reader.done() and queue.empty():
+            raise ConnectionFailed(f"the connection to {self._settings.url} is closed")
+        try:
+            while True:
+                item = await asyncio.wait_for(queue.get(), timeout)
+                if isinstance(item, RegistryError):
+                    raise item
+                yield item
+                if item.event == "finished":
+                    return
+        finally:
+            self._jobs.pop(job, None)
 
     def _resolve(self, request_id: str, *, result: Any = None, error: RegistryError | None = None) -> None:
         future = self._pending.get(request_id)
@@ -381,6 +446,7 @@ class BlockingClient(_Actions):
         self._codec = ClientCodec()
         self._lock = threading.Lock()
         self._events: deque[Event | RegistryError] = deque()
+        self._job_messages: deque[JobMessage] = deque()
         # websockets >= 17.1 wants connect() used as a context manager; the stack keeps it open until close().
         self._stack = contextlib.ExitStack()
         try:
@@ -436,6 +502,8 @@ class BlockingClient(_Actions):
                     ) from None
                 if isinstance(message, EventMessage):
                     self._events.append(message.event)
+                elif isinstance(message, JobMessage):
+                    self._job_messages.append(message)
                 elif message.id != request_id:
                     if isinstance(message, ErrorMessage) and message.id is None:
                         self._events.append(message.error)
@@ -456,6 +524,22 @@ class BlockingClient(_Actions):
     def unsubscribe(self, subscription: str) -> None:
         self._call("unsubscribe", {"subscription": subscription})
 
+    def next_job_message(self, timeout: float | None = None) -> JobMessage | None:
+        """The next deploy job message (progress, then ``finished``), or None after ``timeout`` seconds."""
+        with self._lock:
+            while not self._job_messages:
+                try:
+                    message = self._receive(timeout)
+                except TimeoutError:
+                    return None
+                if isinstance(message, JobMessage):
+                    self._job_messages.append(message)
+                elif isinstance(message, EventMessage):
+                    self._events.append(message.event)
+                elif isinstance(message, ErrorMessage) and message.id is None:
+                    self._events.append(message.error)
+            return self._job_messages.popleft()
+
     def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after ``timeout`` seconds."""
         with self._lock:
@@ -466,6 +550,8 @@ class BlockingClient(_Actions):
                     return None
                 if isinstance(message, EventMessage):
                     self._events.append(message.event)
+                elif isinstance(message, JobMessage):
+                    self._job_messages.append(message)
                 elif isinstance(message, ErrorMessage) and message.id is None:
                     self._events.append(message.error)
             item = self._events.popleft()
@@ -485,6 +571,8 @@ class TrioClient(_Actions):
         self._results: dict[str, Response | ErrorMessage] = {}
         self._events_send: Any = None
         self._events_receive: Any = None
+        self._jobs_send: Any = None
+        self._jobs_receive: Any = None
         self._stack = contextlib.AsyncExitStack()
 
     @classmethod
@@ -513,6 +601,7 @@ class TrioClient(_Actions):
             await self._stack.aclose()
             raise _connect_error(self._settings.url, exc) from None
         self._events_send, self._events_receive = trio.open_memory_channel(_EVENT_QUEUE)
+        self._jobs_send, self._jobs_receive = trio.open_memory_channel(_EVENT_QUEUE)
         nursery = await self._stack.enter_async_context(trio.open_nursery())
         nursery.start_soon(self._read)
         return self
@@ -529,6 +618,8 @@ class TrioClient(_Actions):
                 message = self._codec.decode(frame)
                 if isinstance(message, EventMessage):
                     await self._events_send.send(message.event)
+                elif isinstance(message, JobMessage):
+                    await self._jobs_send.send(message)
                 elif message.id is None:
                     await self._events_send.send(message.error)
                 elif message.id in self._pending:
@@ -546,6 +637,7 @@ class TrioClient(_Actions):
                 waiter.set()
             with trio.CancelScope(shield=True):
                 await self._events_send.aclose()
+                await self._jobs_send.aclose()
 
     async def _call(
         self, action: str, params: Mapping[str, Any] | None = None, convert: Callable[[Any], Any] | None = None
@@ -597,3 +689,12 @@ class TrioClient(_Actions):
         if isinstance(item, RegistryError):
             raise item
         return item
+
+    async def next_job_message(self) -> JobMessage:
+        """The next deploy job message (of any job this connection watches)."""
+        import trio
+
+        try:
+            return await self._jobs_receive.receive()
+        except trio.EndOfChannel:
+            raise ConnectionFailed(f"the connection to {self._settings.url} closed") from None

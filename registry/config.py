@@ -58,7 +58,30 @@ CONFIG_FILE_NAME: Final = "svcreg.yaml"
 SYNCHRONOUS_LEVELS: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
 DEFAULT_LISTEN: Final = "127.0.0.1:9443"
 
-_TOP_LEVEL_KEYS: Final = ("listen", "db", "networks", "tls", "tokens", "limits", "event_retention", "synchronous")
+_TOP_LEVEL_KEYS: Final = (
+    "listen",
+    "db",
+    "networks",
+    "tls",
+    "tokens",
+    "limits",
+    "event_retention",
+    "synchronous",
+    "deploy",
+)
+_DEPLOY_KEYS: Final = (
+    "packages_dir",
+    "work_dir",
+    "known_hosts",
+    "host_key_checking",
+    "ssh_user",
+    "ssh_key",
+    "install_base",
+    "max_jobs",
+    "timeout",
+    "keep_artifacts",
+    "max_package_size",
+)
 _TLS_KEYS: Final = ("cert", "key", "client_ca")
 _HOSTNAME: Final = re.compile(
     r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*"
@@ -166,6 +189,83 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class DeployConfig:
+    """The ``deploy:`` section: where packages come from and how the registry reaches hosts over SSH.
+
+    ``deploy_package`` requests name a file in ``packages_dir`` (nothing outside it can be
+    deployed). Host keys are checked against ``known_hosts`` (default ``<config dir>/known_hosts``;
+    fill it with ``ssh-keyscan`` after checking the fingerprints). Node variables in the networks
+    file (``ssh_user``, ``ssh_key``, ``ssh_port``, ``install_base``) override the defaults here.
+    """
+
+    packages_dir: Path
+    work_dir: Path
+    known_hosts: Path
+    host_key_checking: bool = True
+    ssh_user: str = "root"
+    ssh_key: Path | None = None
+    install_base: str = "/opt"
+    max_jobs: int = 4
+    timeout: int = 3600
+    keep_artifacts: bool = False
+    max_package_size: int = 256 * 1024 * 1024
+
+    @classmethod
+    def default(cls, base_dir: Path) -> DeployConfig:
+        return cls(
+            packages_dir=base_dir / "packages", work_dir=base_dir / "deploys", known_hosts=base_dir / "known_hosts"
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base_dir: Path) -> DeployConfig:
+        data = _mapping(data, "deploy")
+        _unknown_keys(data, _DEPLOY_KEYS, "deploy")
+        default = cls.default(base_dir)
+        host_key_checking = data.get("host_key_checking", True)
+        keep_artifacts = data.get("keep_artifacts", False)
+        for name, value in (("host_key_checking", host_key_checking), ("keep_artifacts", keep_artifacts)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"deploy.{name} {value!r} must be true or false", field=f"deploy.{name}")
+        install_base = _string(data.get("install_base", default.install_base), "deploy.install_base")
+        if not install_base.startswith("/"):
+            raise ConfigError(
+                f"deploy.install_base {install_base!r} must be an absolute path", field="deploy.install_base"
+            )
+        return cls(
+            packages_dir=_path(data.get("packages_dir", "packages"), "deploy.packages_dir", base_dir),
+            work_dir=_path(data.get("work_dir", "deploys"), "deploy.work_dir", base_dir),
+            known_hosts=_path(data.get("known_hosts", "known_hosts"), "deploy.known_hosts", base_dir),
+            host_key_checking=host_key_checking,
+            ssh_user=_string(data.get("ssh_user", default.ssh_user), "deploy.ssh_user"),
+            ssh_key=_path(data["ssh_key"], "deploy.ssh_key", base_dir) if data.get("ssh_key") is not None else None,
+            install_base=install_base,
+            max_jobs=_positive_int(data.get("max_jobs", default.max_jobs), "deploy.max_jobs"),
+            timeout=_positive_int(data.get("timeout", default.timeout), "deploy.timeout"),
+            keep_artifacts=keep_artifacts,
+            max_package_size=_positive_int(
+                data.get("max_package_size", default.max_package_size), "deploy.max_package_size"
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "packages_dir": str(self.packages_dir),
+            "work_dir": str(self.work_dir),
+            "known_hosts": str(self.known_hosts),
+            "host_key_checking": self.host_key_checking,
+            "ssh_user": self.ssh_user,
+            "install_base": self.install_base,
+            "max_jobs": self.max_jobs,
+            "timeout": self.timeout,
+            "keep_artifacts": self.keep_artifacts,
+            "max_package_size": self.max_package_size,
+        }
+        if self.ssh_key is not None:
+            data["ssh_key"] = str(self.ssh_key)
+        return data
+
+
+@dataclass(frozen=True, slots=True)
 class TlsFiles:
     """Where the server's TLS files are (absolute); :class:`registry.tls.TlsServerConfig` loads them."""
 
@@ -192,6 +292,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     event_retention: int = 10_000
     synchronous: str = "FULL"
+    deploy: DeployConfig | None = None  # None: DeployConfig.default(the config file's folder)
 
     @property
     def tokens(self) -> TokenRegistry:
@@ -267,6 +368,7 @@ class ServerConfig:
             limits=Limits.from_dict(data.get("limits") or {}),
             event_retention=_positive_int(data.get("event_retention", 10_000), "event_retention"),
             synchronous=synchronous.upper(),
+            deploy=DeployConfig.from_dict(data.get("deploy") or {}, base),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -279,6 +381,8 @@ class ServerConfig:
         data["limits"] = self.limits.to_dict()
         data["event_retention"] = self.event_retention
         data["synchronous"] = self.synchronous
+        if self.deploy is not None:
+            data["deploy"] = self.deploy.to_dict()
         return data
 
 

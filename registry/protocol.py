@@ -12,6 +12,7 @@ Frames::
                "error": {"code": ..., "message": ..., "details": {...}, "class": "ServiceNotFound"}}
     event     {"type": "event", "subscription": "sub-3", "event": "ServiceRegistered",
                "revision": 42, "timestamp": 1700000000.0, "data": {...}}
+    job       {"type": "job", "job": "job-1-a1b2c3", "event": "progress" | "finished", "data": {...}}
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ __all__ = [
     "ClientCodec",
     "ErrorMessage",
     "EventMessage",
+    "JobMessage",
     "Param",
     "Request",
     "Response",
     "decode_request",
     "encode_error",
     "encode_event",
+    "encode_job",
     "encode_response",
 ]
 
@@ -99,7 +102,20 @@ ACTIONS: Final[Mapping[str, ActionSpec]] = {
     "heartbeat": ActionSpec(Role.WRITE, {"service_name": Param(str, required=True), "host_id": Param(str)}),
     "allocate_ip": ActionSpec(Role.WRITE, {"owner": Param(str, required=True), "network": Param(str, required=True)}),
     "release_ip": ActionSpec(Role.WRITE, {"owner": Param(str, required=True), "network": Param(str)}),
-    "deploy_package": ActionSpec(Role.ADMIN, {"package": Param(str, required=True), "target": Param(dict)}),
+    "deploy_package": ActionSpec(
+        Role.ADMIN,
+        {
+            "package": Param(str, required=True),
+            "node": Param(str),
+            "target": Param(dict),
+            "targets": Param(list),
+            "env": Param(dict),
+            "keep_releases": Param(int),
+        },
+    ),
+    "watch_job": ActionSpec(Role.READ, {"job": Param(str, required=True)}),
+    "get_job": ActionSpec(Role.READ, {"job": Param(str, required=True)}),
+    "list_jobs": ActionSpec(Role.READ),
 }
 
 
@@ -133,6 +149,15 @@ class ErrorMessage:
 class EventMessage:
     subscription: str
     event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class JobMessage:
+    """Progress of a deploy job (``event`` "progress"), or its end (``event`` "finished", ``data`` the summary)."""
+
+    job: str
+    event: str
+    data: dict[str, Any]
 
 
 class RequestError(ProtocolError):
@@ -276,6 +301,10 @@ def _decode_error(error: Mapping[str, Any]) -> RegistryError:
     return specific
 
 
+def encode_job(job: str, event: str, data: Mapping[str, Any]) -> str:
+    return _dumps({"type": "job", "job": job, "event": event, "data": data})
+
+
 def encode_event(subscription: str, event: Event) -> str:
     return _dumps(
         {
@@ -309,7 +338,7 @@ class ClientCodec:
         clean = {key: value for key, value in (params or {}).items() if value is not None}
         return request_id, _dumps({"id": request_id, "type": "request", "action": action, "params": clean})
 
-    def decode(self, frame: str | bytes) -> Response | ErrorMessage | EventMessage:
+    def decode(self, frame: str | bytes) -> Response | ErrorMessage | EventMessage | JobMessage:
         """One frame from the server.
 
         Raises:
@@ -338,6 +367,11 @@ class ClientCodec:
                     float(message.get("timestamp", 0.0)),
                 )
                 return EventMessage(str(message["subscription"]), event)
+            if kind == "job":
+                data = message.get("data") or {}
+                if not isinstance(data, dict):
+                    raise TypeError("job data is not an object")
+                return JobMessage(str(message["job"]), str(message["event"]), data)
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"the server sent a malformed {kind} frame: {exc!r}") from None
         raise ProtocolError(f"the server sent a frame of unknown type {kind!r}")

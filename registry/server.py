@@ -49,10 +49,20 @@ from .exceptions import (
     ValidationError,
 )
 from .model import ServiceEntry, ServiceState
-from .protocol import ACTIONS, Request, RequestError, decode_request, encode_error, encode_event, encode_response
+from .protocol import (
+    ACTIONS,
+    Request,
+    RequestError,
+    decode_request,
+    encode_error,
+    encode_event,
+    encode_job,
+    encode_response,
+)
 from .tls import TlsServerConfig, client_identity
 
 if TYPE_CHECKING:
+    from .jobs import DeployJobs, Job
     from .network import NetworkManager
 
 __all__ = ["WsServer"]
@@ -135,6 +145,7 @@ class _Session:
     visibility: Visibility
     outbox: asyncio.Queue[str]
     subscriptions: dict[str, tuple[Subscription, asyncio.Task[None]]] = field(default_factory=dict)
+    watched_jobs: dict[str, Callable[..., None]] = field(default_factory=dict)
     closing: bool = False
 
 
@@ -190,6 +201,8 @@ class WsServer:
         topology_interval: with ``networks``, detect the host's topology when the server
             starts and then every this many seconds; a change is recorded with
             ``registry.update_topology`` (one ``NetworkTopologyChanged`` event). None: never.
+        deploys: deploy jobs (``deploy_package``, ``watch_job``, ...); None: deployment is off
+            and ``deploy_package`` answers ``bad_request``.
     """
 
     def __init__(
@@ -202,6 +215,7 @@ class WsServer:
         limits: Limits | None = None,
         registry_host: str | None = None,
         topology_interval: float | None = None,
+        deploys: DeployJobs | None = None,
     ) -> None:
         if topology_interval is not None and not topology_interval > 0:
             raise ValidationError(
@@ -215,6 +229,7 @@ class WsServer:
         self.limits = limits or Limits()
         self.registry_host = registry_host or socket.gethostname()
         self.topology_interval = topology_interval
+        self.deploys = deploys
         self._topology_task: asyncio.Task[None] | None = None
         self._topology_failure: str | None = None  # the last detection failure, until one succeeds
         self.metrics = _Metrics(registry)
@@ -241,6 +256,9 @@ class WsServer:
             "allocate_ip": self._allocate_ip,
             "release_ip": self._release_ip,
             "deploy_package": self._deploy_package,
+            "watch_job": self._watch_job,
+            "get_job": self._get_job,
+            "list_jobs": self._list_jobs,
         }
         assert set(self._handlers) == set(ACTIONS), "every protocol action needs a handler"
         registry.store.commit_observer = self.metrics.commit_seconds.observe
@@ -432,6 +450,7 @@ class WsServer:
             for task in tasks:
                 task.cancel()
             self._drop_subscriptions(session)
+            self._drop_job_watches(session)
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
@@ -667,11 +686,52 @@ class WsServer:
         manager = self._require_networks()
         return await asyncio.to_thread(manager.release_ip, request.params["owner"], request.params.get("network"))
 
+    # --- deploy jobs -------------------------------------------------------------------------
+
+    def _require_deploys(self) -> DeployJobs:
+        if self.deploys is None:
+            raise ValidationError("this registry does not deploy packages (started without a deploy configuration)")
+        return self.deploys
+
+    def _job_listener(self, session: _Session) -> Callable[..., None]:
+        def forward(job: Job, kind: str, data: dict[str, Any]) -> None:
+            self._send(session, encode_job(job.id, kind, data))
+            if kind == "finished":
+                session.watched_jobs.pop(job.id, None)
+
+        return forward
+
+    def _watch(self, session: _Session, job: Job) -> None:
+        if job.id not in session.watched_jobs and not job.done:
+            listener = self._job_listener(session)
+            session.watched_jobs[job.id] = listener
+            job.listeners.add(listener)
+
+    def _drop_job_watches(self, session: _Session) -> None:
+        for job_id, listener in session.watched_jobs.items():
+            with contextlib.suppress(RegistryError):
+                self._require_deploys().get(job_id).listeners.discard(listener)
+        session.watched_jobs.clear()
+
     async def _deploy_package(self, session: _Session, request: Request) -> Any:
-        raise UnknownAction(
-            "deploy_package is not available in this version: package deployment is not built yet",
-            details={"action": "deploy_package"},
-        )
+        deploys = self._require_deploys()
+        job = await deploys.start(request.params)
+        principal = session.principal.name if session.principal else "?"
+        log.info("deploy job %s: %s by %s", job.id, job.package, principal)
+        # The caller watches its job from the start: the response goes first, then progress.
+        return _Then(job.summary(), lambda: self._watch(session, job))
+
+    async def _watch_job(self, session: _Session, request: Request) -> Any:
+        job = self._require_deploys().get(request.params["job"])
+        summary = dict(job.summary(), events=list(job.events))
+        return _Then(summary, lambda: self._watch(session, job))
+
+    async def _get_job(self, session: _Session, request: Request) -> Any:
+        job = self._require_deploys().get(request.params["job"])
+        return dict(job.summary(), events=list(job.events))
+
+    async def _list_jobs(self, session: _Session, request: Request) -> Any:
+        return self._require_deploys().list() if self.deploys is not None else []
 
 
 def _split_address(addr: str | tuple[str, int]) -> tuple[str, int]:

@@ -65,7 +65,7 @@ def write_package(
 
 
 def _gzip_bomb(directory: Path) -> Path:
-    """A valid-looking package whose one file unpacks to 100 MiB of zeros (about 100 KiB compressed); limit tests to 64 MiB."""
+    """A package whose one file unpacks to 100 MiB of zeros (~100 KiB compressed); test with a 64 MiB limit."""
     path = directory / "demo-1.0.0.tar.gz"
     size = 100 * 1024 * 1024
     with (
