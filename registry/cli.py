@@ -445,6 +445,84 @@ def cmd_package_inspect(options: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _deploy_targets(options: argparse.Namespace) -> list[str | dict[str, Any]]:
+    targets: list[str | dict[str, Any]] = list(options.node or [])
+    if options.host:
+        if not options.user:
+            raise ValidationError("--host needs --user (the SSH user on that host)", field="--user")
+        target: dict[str, Any] = {"host": options.host, "ssh_user": options.user, "port": options.port}
+        if options.key:
+            target["ssh_key"] = str(Path(options.key).absolute())
+        if options.install_base:
+            target["install_base"] = options.install_base
+        if options.name:
+            target["name"] = options.name
+        targets.append(target)
+    if not targets:
+        raise ValidationError("say where to deploy: --node NAME (repeatable) or --host H --user U", field="--node")
+    return targets
+
+
+def _deploy_env(options: argparse.Namespace) -> dict[str, str]:
+    env = _read_env_file(Path(options.env_file)) if options.env_file else {}
+    env.update(_parse_pairs(options.env, "--env"))
+    return env
+
+
+def cmd_deploy(options: argparse.Namespace) -> int:
+    """Start a deploy job on the registry, follow its progress, exit 1 if any host failed."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    targets = _deploy_targets(options)
+    env = _deploy_env(options)
+    console = Console(stderr=True)
+    with _client(options) as client:
+        job = client.deploy_package(options.package, targets=targets, env=env, keep_releases=options.keep_releases)
+        hosts = [target["name"] for target in job["targets"]]
+        finished: dict[str, Any] | None = None
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=options.json or not console.is_terminal,
+        ) as progress:
+            bar = progress.add_task(f"deploying {job['package']['name']} {job['package']['version']}", total=len(hosts))
+            while finished is None:
+                message = client.next_job_message(timeout=None)
+                if message is None or message.job != job["job"]:
+                    continue
+                if message.event == "finished":
+                    finished = message.data
+                    break
+                kind, host = message.data.get("kind"), message.data.get("host")
+                if kind in ("ok", "changed", "failed", "unreachable") and host in hosts:
+                    progress.advance(bar)
+                if kind != "status" and not options.json:
+                    note = f": {message.data['message']}" if message.data.get("message") else ""
+                    progress.console.print(f"{host} {message.data.get('task', '')}: {kind}{note}", highlight=False)
+    result = finished.get("result") or {}
+    if options.json:
+        print(json.dumps(finished, indent=2))
+    else:
+        rows = [
+            [
+                host,
+                item["status"],
+                item.get("version") or "-",
+                item.get("rolled_back_to") or "-",
+                item.get("message", ""),
+            ]
+            for host, item in (result.get("hosts") or {}).items()
+        ]
+        _emit(options, rows, lambda data: data, ["HOST", "RESULT", "VERSION", "ROLLED BACK TO", "MESSAGE"])
+        if result.get("error"):
+            print(f"svcreg: error: the deploy job broke: {result['error']}", file=sys.stderr)
+    return EXIT_OK if result.get("ok") else EXIT_ERROR
+
+
 def cmd_demo(options: argparse.Namespace) -> int:
     """Open the embedded store, show what the library does, then print events until stopped."""
     networks = NetworkConfig.from_file(options.networks) if options.networks else None
@@ -622,6 +700,23 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file", type=Path)
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(handler=cmd_package_inspect)
+
+    deploy = commands.add_parser(
+        "deploy", help="deploy a package (a file in the registry's packages folder) to nodes over SSH"
+    )
+    deploy.add_argument("package", help="NAME-VERSION.tar.gz in the registry's packages folder")
+    deploy.add_argument("--node", action="append", help="a node of the networks file (repeatable)")
+    deploy.add_argument("--host", help="deploy to this host instead (with --user)")
+    deploy.add_argument("--user", help="SSH user on --host")
+    deploy.add_argument("--key", help="SSH private key for --host, as a path on the registry host")
+    deploy.add_argument("--port", type=int, default=22, help="SSH port of --host")
+    deploy.add_argument("--install-base", help="install folder on the host (default: the registry's deploy config)")
+    deploy.add_argument("--name", help="the instance's host_id for --host (default: the host)")
+    deploy.add_argument("--env", action="append", metavar="NAME=VALUE", help="a variable for the service (repeatable)")
+    deploy.add_argument("--env-file", help="NAME=VALUE lines (keeps values out of the process list)")
+    deploy.add_argument("--keep-releases", type=int, default=5, help="good releases kept on each host")
+    _add_connection_options(deploy)
+    deploy.set_defaults(handler=cmd_deploy)
 
     demo = commands.add_parser("demo", help="run the library demo on the embedded store (no server)")
     demo.add_argument("--db", type=Path, default=Path("var/registry.db"))

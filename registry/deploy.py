@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -310,7 +311,8 @@ class PackageDeployer:
                 suppress_env_files=True,
             )
             status = runner.status
-        results = progress.finish(status)
+            why = "" if progress.complete else _last_lines(data_dir / "artifacts" / "run" / "stdout")
+        results = progress.finish(status, why)
         return DeployResult(
             job=job,
             package={"name": package.manifest.name, "version": package.manifest.version, "sha256": package.sha256},
@@ -369,7 +371,9 @@ class PackageDeployer:
             if self.keep_artifacts and root is not None:
                 kept = root / "jobs" / job
                 kept.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(data_dir / "artifacts"), kept)
+                # ansible-runner records the whole process environment there: never keep it.
+                (data_dir / "artifacts" / "run" / "command").unlink(missing_ok=True)
+                shutil.move(str(data_dir / "artifacts" / "run"), kept)
             shutil.rmtree(data_dir, ignore_errors=True)
             shutil.rmtree(control_dir, ignore_errors=True)
 
@@ -397,6 +401,7 @@ class PackageDeployer:
         config = data_dir / "ansible.cfg"
         config.write_text("# svcreg deploy: settings come from the environment\n")
         return {
+            "PATH": os.pathsep.join([str(Path(_ansible_playbook()).parent), os.environ.get("PATH", os.defpath)]),
             "ANSIBLE_CONFIG": str(config),
             "ANSIBLE_COLLECTIONS_PATH": str(collection_root()),
             "ANSIBLE_HOST_KEY_CHECKING": "True" if self.host_key_checking else "False",
@@ -409,6 +414,27 @@ class PackageDeployer:
             "ANSIBLE_LOCAL_TEMP": str(data_dir / "tmp"),
             "ANSIBLE_TIMEOUT": "20",
         }
+
+
+def _ansible_playbook() -> str:
+    """ansible-playbook next to this Python (a venv's bin), else on PATH."""
+    beside = Path(sys.executable).parent / "ansible-playbook"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("ansible-playbook")
+    if found is None:
+        raise ValidationError("ansible-playbook is not installed (pip install ansible-core)")
+    return found
+
+
+def _last_lines(path: Path, count: int = 5) -> str:
+    """The end of ansible-playbook's output, to say why a job ended early (results are masked there)."""
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    errors = [line for line in lines if "ERROR" in line or "error:" in line]
+    return " | ".join((errors or lines)[-count:])[-1500:]
 
 
 def _address_of(host: str) -> str:
@@ -508,9 +534,14 @@ class _Progress:
         self.results[host] = outcome
         self.register(self.package, target, state, version)
 
-    def finish(self, status: str) -> dict[str, HostResult]:
+    @property
+    def complete(self) -> bool:
+        return all(host in self.results for host in self.targets)
+
+    def finish(self, status: str, why: str = "") -> dict[str, HostResult]:
         for host, target in self.targets.items():
             if host not in self.results:
-                self.results[host] = HostResult(host, "failed", message=f"the job ended ({status}) before this host")
+                message = f"the job ended ({status}) before this host was done" + (f": {why}" if why else "")
+                self.results[host] = HostResult(host, "failed", message=message)
                 self.register(self.package, target, ServiceState.FAILED, self.package.manifest.version)
         return dict(self.results)

@@ -78,14 +78,14 @@ def _ansible_env(**svcreg: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_registry(home: Path) -> Iterator[Registry]:
+def running_registry(home: Path, networks: str = NETWORKS, extra_config: str = "") -> Iterator[Registry]:
     """`svcreg init` into ``home``, the test networks, `svcreg serve` on a free loopback port."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("SVCREG_")}
     subprocess.run([*SVCREG, "init", str(home)], env=env, check=True, capture_output=True, timeout=60)
-    (home / "services.yaml").write_text(NETWORKS)
+    (home / "services.yaml").write_text(networks)
     port = free_port()
     config = home / "svcreg.yaml"
-    config.write_text(config.read_text().replace("127.0.0.1:9443", f"127.0.0.1:{port}"))
+    config.write_text(config.read_text().replace("127.0.0.1:9443", f"127.0.0.1:{port}") + extra_config)
     serve = ServeProcess(config, env)
     token = (home / "admin.token").read_text().strip()
     settings = ConnectionSettings(f"wss://127.0.0.1:{port}/", TlsClientConfig(ca_file=home / "tls" / "ca.crt"), token)

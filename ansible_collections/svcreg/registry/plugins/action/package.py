@@ -71,6 +71,7 @@ class ActionModule(ActionBase):
             self._remove_tmp_path(self._connection._shell.tmpdir)
         if package_info is not None:
             result["package"] = package_info
+            result["manifest"] = module_args["manifest"]
         return result
 
     def _validate_package(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
