@@ -17,7 +17,6 @@ code has exactly one class here, and subclasses (``ServiceNotFound`` is a
     │   ├── ServiceNotFound
     │   └── SubscriptionClosed                          reading a closed subscription
     ├── Conflict                       conflict
-    ├── DeployFailed                   deploy_failed    a deployment ran and failed on a host
     ├── PoolExhausted                  pool_exhausted
     ├── Compacted                      compacted        resume point older than the retained log
     ├── TooLarge                       too_large
@@ -41,7 +40,6 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "ConnectionFailed",
-    "DeployFailed",
     "Forbidden",
     "InternalError",
     "NotFound",
@@ -140,12 +138,6 @@ class Conflict(RegistryError):
     code = "conflict"
 
 
-class DeployFailed(RegistryError):
-    """A deployment ran and failed (a script, a health check, an unreachable host)."""
-
-    code = "deploy_failed"
-
-
 class PoolExhausted(RegistryError):
     """A network has no free address left."""
 
@@ -207,7 +199,6 @@ def _wire_classes() -> dict[str, type[RegistryError]]:
         Forbidden,
         NotFound,
         Conflict,
-        DeployFailed,
         PoolExhausted,
         Compacted,
         TooLarge,
