@@ -55,7 +55,7 @@ class ActionModule(ActionBase):
             for key in ("state", "rollback", "install_base", "keep_releases", "force", "script_timeout", "health_timeout")
         }
         deploying = params["state"] == "present" and not params["rollback"]
-        package_info: dict[str, Any] | None = None
+        package_info: dict[str, Any] = {}
         if deploying:
             package_info, deploy_args = self._validate_package(params)
             module_args.update(deploy_args)
@@ -69,7 +69,7 @@ class ActionModule(ActionBase):
             result.update(self._execute_module(MODULE, module_args=module_args, task_vars=task_vars))
         finally:
             self._remove_tmp_path(self._connection._shell.tmpdir)
-        if package_info is not None:
+        if package_info:
             result["package"] = package_info
             result["manifest"] = module_args["manifest"]
         return result
@@ -112,9 +112,8 @@ class ActionModule(ActionBase):
         }
         return info, args
 
-    def _remote_package(self, info: dict[str, Any] | None, install_base: str, task_vars: dict[str, Any]) -> str:
+    def _remote_package(self, info: dict[str, Any], install_base: str, task_vars: dict[str, Any]) -> str:
         """The package's path on the host: the cached copy if its sha256 matches, else a fresh upload."""
-        assert info is not None
         cached = posixpath.join(install_base, info["name"], "packages", info["file_name"])
         stat = self._execute_module(
             "ansible.legacy.stat",
