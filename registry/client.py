@@ -477,7 +477,7 @@ class BlockingClient(_Actions):
     def close(self) -> None:
         self._stack.close()
 
-    def _receive(self, timeout: float | None) -> Response | ErrorMessage | EventMessage:
+    def _receive(self, timeout: float | None) -> Response | ErrorMessage | EventMessage | JobMessage:
         try:
             frame = self._connection.recv(timeout=timeout)
         except ConnectionClosed as exc:
@@ -500,13 +500,8 @@ class BlockingClient(_Actions):
                     raise ConnectionFailed(
                         f"{action}: no answer from {self._settings.url} in {self._settings.timeout} s"
                     ) from None
-                if isinstance(message, EventMessage):
-                    self._events.append(message.event)
-                elif isinstance(message, JobMessage):
-                    self._job_messages.append(message)
-                elif message.id != request_id:
-                    if isinstance(message, ErrorMessage) and message.id is None:
-                        self._events.append(message.error)
+                if not isinstance(message, (Response, ErrorMessage)) or message.id != request_id:
+                    self._stash(message)
                 elif isinstance(message, ErrorMessage):
                     raise message.error
                 else:
@@ -524,37 +519,31 @@ class BlockingClient(_Actions):
     def unsubscribe(self, subscription: str) -> None:
         self._call("unsubscribe", {"subscription": subscription})
 
-    def next_job_message(self, timeout: float | None = None) -> JobMessage | None:
-        """The next deploy job message (progress, then ``finished``), or None after ``timeout`` seconds."""
+    def _stash(self, message: Response | ErrorMessage | EventMessage | JobMessage) -> None:
+        """Keep what arrived while waiting for something else: events, subscription errors, job messages."""
+        if isinstance(message, EventMessage):
+            self._events.append(message.event)
+        elif isinstance(message, JobMessage):
+            self._job_messages.append(message)
+        elif isinstance(message, ErrorMessage) and message.id is None:
+            self._events.append(message.error)
+
+    def _next_kept(self, kept: deque[Any], timeout: float | None) -> Any:
         with self._lock:
-            while not self._job_messages:
+            while not kept:
                 try:
-                    message = self._receive(timeout)
+                    self._stash(self._receive(timeout))
                 except TimeoutError:
                     return None
-                if isinstance(message, JobMessage):
-                    self._job_messages.append(message)
-                elif isinstance(message, EventMessage):
-                    self._events.append(message.event)
-                elif isinstance(message, ErrorMessage) and message.id is None:
-                    self._events.append(message.error)
-            return self._job_messages.popleft()
+            return kept.popleft()
+
+    def next_job_message(self, timeout: float | None = None) -> JobMessage | None:
+        """The next deploy job message (progress, then ``finished``), or None after ``timeout`` seconds."""
+        return self._next_kept(self._job_messages, timeout)
 
     def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after ``timeout`` seconds."""
-        with self._lock:
-            while not self._events:
-                try:
-                    message = self._receive(timeout)
-                except TimeoutError:
-                    return None
-                if isinstance(message, EventMessage):
-                    self._events.append(message.event)
-                elif isinstance(message, JobMessage):
-                    self._job_messages.append(message)
-                elif isinstance(message, ErrorMessage) and message.id is None:
-                    self._events.append(message.error)
-            item = self._events.popleft()
+        item = self._next_kept(self._events, timeout)
         if isinstance(item, RegistryError):
             raise item
         return item

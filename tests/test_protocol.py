@@ -24,11 +24,13 @@ from registry.protocol import (
     ClientCodec,
     ErrorMessage,
     EventMessage,
+    JobMessage,
     RequestError,
     Response,
     decode_request,
     encode_error,
     encode_event,
+    encode_job,
     encode_response,
 )
 
@@ -57,6 +59,22 @@ def test_round_trip_through_both_halves() -> None:
 def test_request_ids_are_unique() -> None:
     codec = ClientCodec()
     assert len({codec.encode_request("ping")[0] for _ in range(100)}) == 100
+
+
+def test_job_frames_and_malformed_ones() -> None:
+    text = encode_job("job-1-abc", "progress", {"kind": "ok", "host": "node1"})
+    assert json.loads(text) == {
+        "type": "job",
+        "job": "job-1-abc",
+        "event": "progress",
+        "data": {"kind": "ok", "host": "node1"},
+    }
+    message = ClientCodec().decode(text)
+    assert message == JobMessage("job-1-abc", "progress", {"kind": "ok", "host": "node1"})
+    with pytest.raises(ProtocolError, match="malformed job frame"):
+        ClientCodec().decode(json.dumps({"type": "job", "event": "finished"}))
+    with pytest.raises(ProtocolError, match="malformed job frame"):
+        ClientCodec().decode(json.dumps({"type": "job", "job": "j", "event": "progress", "data": [1]}))
 
 
 @pytest.mark.parametrize(
