@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .exceptions import ValidationError
+from .exceptions import ServiceNotFound, ValidationError
 from .model import Endpoint, Location, NetworkInfo, ServiceEntry, ServiceState, validate_host_id
 from .package import Limits, Package, inspect_package, resolve_env
 
@@ -344,7 +344,14 @@ class PackageDeployer:
         return Location.LOCAL if address.is_loopback else Location.LAN
 
     def _register_all(self, package: Package, targets: list[RemoteTarget], state: ServiceState) -> None:
+        """Mark each target's instance ``state`` — except where this version already runs: a redeploy
+        that turns out unchanged must not make the instance flap through ``starting``."""
         for target in targets:
+            if self.registry is not None:
+                with contextlib.suppress(ServiceNotFound):
+                    current = self.registry.get_service(package.manifest.name, target.host_id)
+                    if current.state is ServiceState.RUNNING and current.version == package.manifest.version:
+                        continue
             self._register(package, target, state, package.manifest.version)
 
     def _register(self, package: Package, target: RemoteTarget, state: ServiceState, version: str) -> None:

@@ -114,9 +114,11 @@ def test_deploy_redeploy_upgrade_and_rollbacks_on_two_hosts(hosts: list[SshHost]
     assert {(e.kind, e.host) for e in progress} >= {("started", "node0"), ("changed", "node0"), ("changed", "node1")}
 
     pids = [service_pid(host) for host in hosts]
+    revision = registry.revision
     again = deploy.deploy_package(v1.path, targets(hosts), env)
     assert {result.status for result in again.hosts.values()} == {"unchanged"}, again.to_dict()
     assert [service_pid(host) for host in hosts] == pids  # not restarted
+    assert registry.revision == revision  # and the instances did not flap through "starting"
 
     upgrade = deploy.deploy_package(hello(tmp_path, "1.1.0").path, targets(hosts), env)
     assert upgrade.ok and upgrade.hosts["node0"].previous_version == "1.0.0"
