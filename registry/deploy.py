@@ -47,6 +47,7 @@ __all__ = [
     "HostResult",
     "PackageDeployer",
     "RemoteTarget",
+    "check_keep_releases",
     "collection_root",
 ]
 
@@ -264,6 +265,7 @@ class PackageDeployer:
         ``result.ok`` is False and each host says why.
         """
         package, targets, env = self.prepare(path, target, env_vars)
+        check_keep_releases(keep_releases)
         return self.run_prepared(
             package, targets, env, on_event=on_event, job_id=job_id, keep_releases=keep_releases, cancel=cancel
         )
@@ -421,6 +423,12 @@ class PackageDeployer:
             "ANSIBLE_LOCAL_TEMP": str(data_dir / "tmp"),
             "ANSIBLE_TIMEOUT": "20",
         }
+
+
+def check_keep_releases(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(f"keep_releases {value!r} must be a whole number of at least 1", field="keep_releases")
+    return value
 
 
 def _ansible_playbook() -> str:

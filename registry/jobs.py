@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DeployConfig
-from .deploy import DeployEvent, DeployResult, PackageDeployer, RemoteTarget
+from .deploy import DeployEvent, DeployResult, PackageDeployer, RemoteTarget, check_keep_releases
 from .exceptions import NotFound, RateLimited, ValidationError
 from .network import NetworkConfig
 from .package import Package
@@ -173,6 +173,7 @@ class DeployJobs:
         env = params.get("env") or {}
         if not isinstance(env, Mapping):
             raise ValidationError("env must be an object of NAME: value", field="params.env")
+        keep_releases = check_keep_releases(params.get("keep_releases", 5))
         path = self.package_path(params["package"])
         targets = [self.target(item) for item in items]
         package, targets, env = await asyncio.to_thread(self.deployer.prepare, path, targets, env)
@@ -184,7 +185,6 @@ class DeployJobs:
         if watcher is not None:
             job.listeners.add(watcher)
         self._jobs[job.id] = job
-        keep_releases = params.get("keep_releases", 5)
         task = asyncio.create_task(self._run(job, package, targets, env, keep_releases))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

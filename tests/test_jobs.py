@@ -100,6 +100,8 @@ async def test_jobs_validate_first_then_run_and_fan_out(setup: tuple[DeployJobs,
         await jobs.start({"package": "hello-1.0.0.tar.gz"})
     with pytest.raises(ValidationError, match="does not declare env variable"):
         await jobs.start({"package": "hello-1.0.0.tar.gz", "node": "web-1", "env": {"TYPO": "x"}})
+    with pytest.raises(ValidationError, match="keep_releases 0 must be"):
+        await jobs.start({"package": "hello-1.0.0.tar.gz", "node": "web-1", "keep_releases": 0})
     (config.packages_dir / "broken-1.0.0.tar.gz").write_bytes(b"not a tarball")
     with pytest.raises(PackageError, match="not a readable"):
         await jobs.start({"package": "broken-1.0.0.tar.gz", "node": "web-1"})
