@@ -8,7 +8,7 @@ VAR := var
 SVCREG_HOME ?= $(VAR)/svcreg
 NETWORKS ?= inventories/services.yaml
 
-.PHONY: run test test-fast lint bench venv system-deps clean sanity units
+.PHONY: run test test-fast lint bench venv system-deps clean sanity units molecule
 
 $(INSTALLED): pyproject.toml
 	@scripts/ensure-python-venv "$(PYTHON)"
@@ -31,19 +31,33 @@ run: $(INSTALLED)
 	fi
 	exec $(VENV)/bin/svcreg serve --config "$(SVCREG_HOME)/svcreg.yaml"
 
-## test: every test the project has (lint, ansible-test sanity and units, unit, property, netns, kill -9)
+## test: every test the project has (lint, ansible-test sanity and units, unit, property, netns, kill -9),
+## then the molecule scenarios
 test: $(INSTALLED) system-deps lint sanity units
 	$(PY) -m pytest
+	@$(MAKE) --no-print-directory molecule
 
-## test-fast: the tests that need neither root nor network namespaces
+## test-fast: the tests that need neither root nor network namespaces nor Docker
 test-fast: $(INSTALLED) lint
 	$(PY) -m pytest -m "not netns"
 
-## lint: ruff on the Python, ansible-lint on the playbooks (config in .ansible-lint: offline, production profile)
+## molecule: the molecule scenarios (molecule/*: node containers, a registry per scenario; docs/docker.md).
+## They need a Docker engine (scripts/ensure-docker starts one as root) and the node image (built once).
+molecule: $(INSTALLED)
+	@scripts/ensure-docker || { \
+		echo "make: error: the molecule scenarios need a Docker engine and \`docker info\` fails (see above)." >&2; \
+		echo "make: \`make test-fast\` runs the tests that need neither Docker nor root." >&2; \
+		exit 1; }
+	@scripts/build-node-image >/dev/null
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" molecule test --all
+
+## lint: ruff on the Python, ansible-lint on the playbooks and the molecule scenarios
+## (config in .ansible-lint: offline, production profile)
 lint: $(INSTALLED)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ansible-lint playbooks/*.yml
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ansible-lint playbooks/*.yml molecule/*/*.yml molecule/shared/tasks/*.yml \
+		.config/molecule/config.yml
 
 ## sanity: ansible-test sanity for the collection (offline get-pip stand-in when the download fails)
 sanity: $(INSTALLED)
