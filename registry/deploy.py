@@ -244,7 +244,11 @@ class PackageDeployer:
         names = [target.host_id for target in target_list]
         if len(set(names)) != len(names):
             raise ValidationError(f"targets named twice: {', '.join(sorted(set(names)))}", field="target")
-        env = resolve_env(package.manifest, env_vars or {})
+        given = env_vars or {}
+        resolved = resolve_env(package.manifest, given)
+        # Only the values given are sent (and masked as no_log); the module adds the manifest's
+        # defaults itself, so a default such as "hello" is not masked in every output line.
+        env = {name: value for name, value in resolved.items() if name in given}
         return package, target_list, env
 
     def deploy_package(

@@ -184,6 +184,11 @@ class TlsServerConfig:
         """
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         _harden(context)
+        # No TLS 1.3 session tickets: they arrive right after the handshake, and websockets' sync
+        # client reads and writes its SSLSocket from two threads, which on Python 3.11 sometimes
+        # loses the upgrade response (about 1 connection in 800 hung for the open timeout).
+        # Resumption buys nothing here: clients hold one long-lived connection.
+        context.num_tickets = 0
         try:
             context.load_cert_chain(self.cert, self.key)
         except FileNotFoundError as exc:

@@ -131,6 +131,7 @@ def test_deploy_redeploy_upgrade_and_rollbacks_on_two_hosts(hosts: list[SshHost]
     for result in failed.hosts.values():
         assert (result.status, result.rolled_back_to) == ("failed", "1.1.0"), failed.to_dict()
         assert "start" in result.message
+        assert "hello 1.2.0" in result.message  # manifest defaults ("hello") are not masked as secrets
     assert [answer(host) for host in hosts] == [f"{SECRET} from 1.1.0"] * 2
     assert registry.get_service("hello", "node0").version == "1.1.0"
     assert registry.get_service("hello", "node0").state.value == "running"

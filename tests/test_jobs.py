@@ -128,7 +128,7 @@ async def test_jobs_validate_first_then_run_and_fan_out(setup: tuple[DeployJobs,
         await asyncio.sleep(0.01)
     assert job.status == "successful" and job.result is not None and job.result["ok"] is True
     assert seen == [("progress", "started"), ("finished", "successful")]
-    assert deployer.calls[0][1] == {"HELLO_PORT": "8080", "HELLO_GREETING": "hi"}
+    assert deployer.calls[0][1] == {"HELLO_GREETING": "hi"}  # the module adds the manifest's defaults
     assert jobs.get(job.id) is job
     await jobs.close()
 

@@ -85,7 +85,10 @@ class ActionModule(ActionBase):
             raise AnsibleActionFail(to_text(exc)) from None
         try:
             package = inspect_package(source)
-            env = resolve_env(package.manifest, params["env"])
+            # Checked against the manifest here; only the given values travel (no_log), the module
+            # adds the manifest's defaults, which are not secrets.
+            resolved = resolve_env(package.manifest, params["env"])
+            env = {name: value for name, value in resolved.items() if name in params["env"]}
         except RegistryError as exc:
             raise AnsibleActionFail(f"package refused, nothing was sent: {exc.message}") from None
         manifest = package.manifest
