@@ -69,9 +69,10 @@ units: $(INSTALLED)
 	cd ansible_collections/svcreg/registry && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
 		$(CURDIR)/scripts/ansible-test-offline units --venv --python 3.11
 
-## bench: the benchmarks in bench/ (numbers for the notes, not pass/fail)
+## bench: the benchmarks in bench/ (numbers for the notes, not pass/fail; bench_deploy needs root)
 bench: $(INSTALLED)
 	$(PY) bench/bench_core.py
+	$(PY) bench/bench_deploy.py
 
 clean:
 	rm -rf $(VENV) $(VAR) .pytest_cache .ruff_cache .hypothesis
