@@ -5,8 +5,9 @@ The public names live here, whichever module defines them::
     from registry import Registry, ServiceEntry, NetworkInfo, Endpoint, Location, ServiceState
     from registry import NetworkConfig, NetworkManager, EventType, Event
     from registry import WsServer, WsClient, BlockingClient, TrioClient, TlsServerConfig, TlsClientConfig
+    from registry import PackageDeployer, RemoteTarget, build_package, inspect_package
 
-The network side (server, clients, TLS) is imported on first use, so ``import registry``
+The network side (server, clients, TLS) and deployment are imported on first use, so ``import registry``
 for the library alone does not load websockets or prometheus-client.
 """
 
@@ -43,6 +44,8 @@ from .store import MemoryStore, SqliteStore, Store
 
 if TYPE_CHECKING:
     from .client import BlockingClient, ConnectionSettings, TrioClient, WsClient
+    from .deploy import PackageDeployer, RemoteTarget
+    from .package import build_package, inspect_package
     from .server import WsServer
     from .tls import TlsClientConfig, TlsServerConfig
 
@@ -52,6 +55,10 @@ _LAZY = {
     "TrioClient": "client",
     "WsClient": "client",
     "WsServer": "server",
+    "PackageDeployer": "deploy",
+    "RemoteTarget": "deploy",
+    "build_package": "package",
+    "inspect_package": "package",
     "TlsClientConfig": "tls",
     "TlsServerConfig": "tls",
 }
@@ -68,6 +75,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_EVENT_RETENTION",
+    "PackageDeployer",
+    "RemoteTarget",
+    "build_package",
+    "inspect_package",
     "Allocation",
     "BlockingClient",
     "ConnectionSettings",
