@@ -203,8 +203,9 @@ async def _serve(config: ServerConfig, *, topology_interval: float) -> int:
         event_retention=config.event_retention,
     )
     server: WsServer | None = None
-    deploys = _deploy_jobs(config, registry, networks)
+    deploys: DeployJobs | None = None
     try:
+        deploys = _deploy_jobs(config, registry, networks)
         manager = NetworkManager(networks, store=registry.store) if networks is not None else None
         registry.start_reaper()
         server = await WsServer.new_tls(
@@ -226,7 +227,8 @@ async def _serve(config: ServerConfig, *, topology_interval: float) -> int:
     finally:
         if server is not None:
             await server.close(timeout=10)
-        await deploys.close()
+        if deploys is not None:
+            await deploys.close()
         await asyncio.to_thread(registry.close)
     print(f"stopped at revision {registry.revision}", flush=True)
     return EXIT_OK
@@ -469,40 +471,48 @@ def _deploy_env(options: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def _follow_job(client: BlockingClient, job: dict[str, Any], console: Any, options: argparse.Namespace) -> Any:
+    """Show a job's progress (a bar on a terminal, a line per host and task) until it finishes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    hosts = [target["name"] for target in job["targets"]]
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=options.json or not console.is_terminal,
+    ) as progress:
+        bar = progress.add_task(f"deploying {job['package']['name']} {job['package']['version']}", total=len(hosts))
+        while True:
+            message = client.next_job_message(timeout=None)
+            if message is None or message.job != job["job"]:
+                continue
+            if message.event == "finished":
+                return message.data
+            kind, host = message.data.get("kind"), message.data.get("host")
+            if kind in ("ok", "changed", "failed", "unreachable") and host in hosts:
+                progress.advance(bar)
+            if kind != "status" and not options.json:
+                note = f": {message.data['message']}" if message.data.get("message") else ""
+                progress.console.print(f"{host} {message.data.get('task', '')}: {kind}{note}", highlight=False)
+
+
 def cmd_deploy(options: argparse.Namespace) -> int:
     """Start a deploy job on the registry, follow its progress, exit 1 if any host failed."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     targets = _deploy_targets(options)
     env = _deploy_env(options)
     console = Console(stderr=True)
     with _client(options) as client:
         job = client.deploy_package(options.package, targets=targets, env=env, keep_releases=options.keep_releases)
-        hosts = [target["name"] for target in job["targets"]]
-        finished: dict[str, Any] | None = None
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            disable=options.json or not console.is_terminal,
-        ) as progress:
-            bar = progress.add_task(f"deploying {job['package']['name']} {job['package']['version']}", total=len(hosts))
-            while finished is None:
-                message = client.next_job_message(timeout=None)
-                if message is None or message.job != job["job"]:
-                    continue
-                if message.event == "finished":
-                    finished = message.data
-                    break
-                kind, host = message.data.get("kind"), message.data.get("host")
-                if kind in ("ok", "changed", "failed", "unreachable") and host in hosts:
-                    progress.advance(bar)
-                if kind != "status" and not options.json:
-                    note = f": {message.data['message']}" if message.data.get("message") else ""
-                    progress.console.print(f"{host} {message.data.get('task', '')}: {kind}{note}", highlight=False)
+        try:
+            finished = _follow_job(client, job, console, options)
+        except KeyboardInterrupt:
+            print(f"svcreg: stopped following job {job['job']}; it goes on on the registry", file=sys.stderr)
+            return 130
     result = finished.get("result") or {}
     if options.json:
         print(json.dumps(finished, indent=2))
