@@ -237,13 +237,23 @@ def target(tmp_path: Path) -> Iterator[Target]:
 
 
 @pytest.fixture(scope="session")
-def python_without_data_filter() -> str:
-    """An interpreter whose tarfile has no data filter, like Debian 12's Python 3.11.2 on the targets."""
+def python_without_data_filter(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An interpreter whose tarfile has no data filter, like Debian 12's Python 3.11.2 on the targets.
+
+    A real one when the machine has it; otherwise this Python with ``tarfile.data_filter`` removed at
+    start-up (a ``sitecustomize`` put first on PYTHONPATH), so the test always runs.
+    """
+    probe = "import sys, tarfile; sys.exit(hasattr(tarfile, 'data_filter'))"
     for candidate in ("/usr/bin/python3", "/usr/bin/python3.11"):
-        probe = "import sys, tarfile; sys.exit(hasattr(tarfile, 'data_filter'))"
         if os.path.exists(candidate) and subprocess.run([candidate, "-c", probe]).returncode == 0:
             return candidate
-    pytest.skip("no Python without tarfile.data_filter on this machine")
+    folder = tmp_path_factory.mktemp("no-data-filter")
+    (folder / "sitecustomize.py").write_text("import tarfile\n\ndel tarfile.data_filter\n")
+    wrapper = folder / "python"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{folder}:$PYTHONPATH" exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    assert subprocess.run([str(wrapper), "-c", probe]).returncode == 0
+    return str(wrapper)
 
 
 def wait_dead(pid: int, timeout: float = 5) -> bool:
