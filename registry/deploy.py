@@ -330,21 +330,22 @@ class PackageDeployer:
     # --- registry -----------------------------------------------------------------------
 
     def _entry(self, package: Package, target: RemoteTarget, state: ServiceState, version: str) -> ServiceEntry:
+        ip = _address_of(target.host)
         return ServiceEntry(
             service_name=package.manifest.name,
             host_id=target.host_id,
-            location=self._location(target.host),
+            location=self._location(ip),
             state=state,
-            network_info=NetworkInfo(ip=_address_of(target.host)),
+            network_info=NetworkInfo(ip=ip),
             endpoints=tuple(Endpoint(e.name, e.port, e.protocol) for e in package.manifest.endpoints),
             version=version,
             metadata={"deployed_by": "svcreg"},
         )
 
-    def _location(self, host: str) -> Location:
+    def _location(self, ip: str) -> Location:
         """The configured network's type for the target's address; loopback is local; else LAN."""
-        address = ipaddress.ip_address(_address_of(host))
-        network = self.networks.classify(str(address)) if self.networks is not None else None
+        address = ipaddress.ip_address(ip)
+        network = self.networks.classify(ip) if self.networks is not None else None
         if network is not None:
             return network.type
         return Location.LOCAL if address.is_loopback else Location.LAN

@@ -731,7 +731,7 @@ class WsServer:
         return dict(job.summary(), events=list(job.events))
 
     async def _list_jobs(self, session: _Session, request: Request) -> Any:
-        return self._require_deploys().list() if self.deploys is not None else []
+        return self.deploys.list() if self.deploys is not None else []
 
 
 def _split_address(addr: str | tuple[str, int]) -> tuple[str, int]:
