@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .core import DEFAULT_EVENT_RETENTION, EndpointRecord, Registry
+from .core import DEFAULT_EVENT_RETENTION, Registry
 from .events import Event, EventFilter, EventType, Subscription
 from .exceptions import (
     Compacted,
@@ -38,7 +38,7 @@ from .exceptions import (
     UnknownAction,
     ValidationError,
 )
-from .model import Endpoint, Location, NetworkInfo, ServiceEntry, ServiceState
+from .model import Endpoint, EndpointRecord, Location, NetworkInfo, ServiceEntry, ServiceState
 from .network import Allocation, NetworkConfig, NetworkManager, Topology, detect_topology
 from .store import MemoryStore, SqliteStore, Store
 

@@ -24,10 +24,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import ClientConnection as SyncConnection
 from websockets.sync.client import connect as sync_connect
 
-from .core import EndpointRecord
 from .events import Event, EventType
 from .exceptions import Compacted, ConnectionFailed, Forbidden, RegistryError, Unauthorized, ValidationError
-from .model import Location, ServiceEntry, ServiceState
+from .model import EndpointRecord, Location, ServiceEntry, ServiceState
 from .protocol import ClientCodec, ErrorMessage, EventMessage, JobMessage, Response
 from .tls import TlsClientConfig
 

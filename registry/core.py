@@ -35,13 +35,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from .events import Event, EventFilter, EventType, Subscription, parse_event_types
 from .exceptions import Compacted, ServiceNotFound, StoreError, ValidationError
 from .model import (
+    EndpointRecord,
     InstanceKey,
     Location,
     NetworkInfo,
@@ -80,37 +80,6 @@ _CONTENT_FIELDS: Final = (
 _LIVE_STATES: Final = frozenset({ServiceState.RUNNING, ServiceState.STARTING})
 _TTL: Final = "ttl"
 _DEREGISTER: Final = "deregister"
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointRecord:
-    """One endpoint of one instance, flattened for discovery."""
-
-    service_name: str
-    host_id: str
-    endpoint: str
-    protocol: str
-    ip: str
-    port: int
-    location: Location
-    state: ServiceState
-
-    @property
-    def address(self) -> str:
-        """``ip:port`` (``[ip]:port`` for IPv6), ready for a URL."""
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "service_name": self.service_name,
-            "host_id": self.host_id,
-            "endpoint": self.endpoint,
-            "protocol": self.protocol,
-            "ip": self.ip,
-            "port": self.port,
-            "location": self.location.value,
-            "state": self.state.value,
-        }
 
 
 def _service_key(key: InstanceKey) -> str:

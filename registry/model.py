@@ -29,6 +29,7 @@ from .exceptions import ValidationError
 
 __all__ = [
     "Endpoint",
+    "EndpointRecord",
     "InstanceKey",
     "Location",
     "NetworkInfo",
@@ -569,3 +570,34 @@ _CONTENT_SLOTS = tuple(
 _REVISION_SLOTS = (ServiceEntry.create_revision, ServiceEntry.mod_revision, ServiceEntry.updated_at)
 # Fields where null on the wire means "the default" (the others take null as a value).
 _DEFAULTED = ("state", "endpoints", "tags", "metadata", "create_revision", "mod_revision")
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRecord:
+    """One endpoint of one instance, flattened for discovery."""
+
+    service_name: str
+    host_id: str
+    endpoint: str
+    protocol: str
+    ip: str
+    port: int
+    location: Location
+    state: ServiceState
+
+    @property
+    def address(self) -> str:
+        """``ip:port`` (``[ip]:port`` for IPv6), ready for a URL."""
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "service_name": self.service_name,
+            "host_id": self.host_id,
+            "endpoint": self.endpoint,
+            "protocol": self.protocol,
+            "ip": self.ip,
+            "port": self.port,
+            "location": self.location.value,
+            "state": self.state.value,
+        }

@@ -6,7 +6,7 @@ import pytest
 
 from ansible.errors import AnsibleLookupError
 from ansible_collections.svcreg.registry.plugins.lookup.endpoint import endpoint_addresses
-from registry.core import EndpointRecord
+from registry.model import EndpointRecord
 from registry.model import Location, ServiceState
 
 
