@@ -106,6 +106,8 @@ def decode_json(
     except msgspec.ValidationError as exc:
         data = msgspec.json.decode(frame)
         raise _translate(exc, data, type_, path=path, where="", error=error, secret=secret) from None
+    except RecursionError:
+        raise error(f"{path or 'input'} is nested too deeply", field=path or None) from None
 
 
 def _translate(

@@ -93,5 +93,7 @@ def test_deep_nesting_is_a_validation_error() -> None:
     deep: object = []
     for _ in range(5000):
         deep = [deep]
-    with pytest.raises(ValidationError, match="nested too deeply"):
+    with pytest.raises(ValidationError, match="labels: must be an object, got a deeply nested list"):
         convert({"labels": deep}, Doc)
+    with pytest.raises(ValidationError, match="nested too deeply"):
+        decode_json(b'{"labels": ' + b"[" * 5000 + b"]" * 5000 + b"}", Doc)
