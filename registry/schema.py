@@ -104,7 +104,10 @@ def decode_json(
     try:
         return msgspec.json.decode(frame, type=type_)
     except msgspec.ValidationError as exc:
-        data = msgspec.json.decode(frame)
+        try:
+            data = msgspec.json.decode(frame)
+        except RecursionError:
+            data = _MISSING
         raise _translate(exc, data, type_, path=path, where="", error=error, secret=secret) from None
     except RecursionError:
         raise error(f"{path or 'input'} is nested too deeply", field=path or None) from None

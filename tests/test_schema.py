@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import pytest
@@ -96,4 +96,4 @@ def test_deep_nesting_is_a_validation_error() -> None:
     with pytest.raises(ValidationError, match="labels: must be an object, got a deeply nested list"):
         convert({"labels": deep}, Doc)
     with pytest.raises(ValidationError, match="nested too deeply"):
-        decode_json(b'{"labels": ' + b"[" * 5000 + b"]" * 5000 + b"}", Doc)
+        decode_json(b'{"labels": ' + b"[" * 5000 + b"]" * 5000 + b"}", dict[str, Any])
