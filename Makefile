@@ -51,11 +51,12 @@ molecule: $(INSTALLED)
 	@scripts/build-node-image >/dev/null
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" molecule test --all
 
-## lint: ruff on the Python, ansible-lint on the playbooks and the molecule scenarios
+## lint: ruff on the Python, mypy (strict) on registry/, ansible-lint on the playbooks and the molecule scenarios
 ## (config in .ansible-lint: offline, production profile)
 lint: $(INSTALLED)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ansible-lint playbooks/*.yml molecule/*/*.yml molecule/shared/tasks/*.yml \
 		.config/molecule/config.yml
 

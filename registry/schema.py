@@ -248,7 +248,7 @@ def _first_bad_item(value: object, key_type: Any, value_type: Any) -> tuple[obje
         return _MISSING, _MISSING
     for key, item in value.items():
         try:
-            msgspec.convert({key: item}, dict[key_type, value_type], str_keys=True)  # type: ignore[valid-type]
+            msgspec.convert({key: item}, dict[key_type, value_type], str_keys=True)
         except (msgspec.ValidationError, TypeError):
             return key, item
     return _MISSING, _MISSING
