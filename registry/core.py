@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 from .events import Event, EventFilter, EventType, Subscription, parse_event_types
 from .exceptions import Compacted, ServiceNotFound, StoreError, ValidationError
 from .model import (
+    CONTENT_FIELDS,
     EndpointRecord,
     InstanceKey,
     Location,
@@ -65,18 +66,6 @@ log = logging.getLogger(__name__)
 DEFAULT_EVENT_RETENTION: Final = 10_000
 DEFAULT_SUBSCRIPTION_QUEUE: Final = 1_000
 
-# Fields whose change is a change of the instance (revisions and timestamps are not).
-_CONTENT_FIELDS: Final = (
-    "location",
-    "network_info",
-    "state",
-    "endpoints",
-    "tags",
-    "metadata",
-    "ttl_seconds",
-    "deregister_after_seconds",
-    "version",
-)
 _LIVE_STATES: Final = frozenset({ServiceState.RUNNING, ServiceState.STARTING})
 _TTL: Final = "ttl"
 _DEREGISTER: Final = "deregister"
@@ -91,7 +80,7 @@ def _event_key(revision: int) -> str:
 
 
 def _content(entry: ServiceEntry) -> tuple[Any, ...]:
-    return tuple(getattr(entry, name) for name in _CONTENT_FIELDS)
+    return tuple(getattr(entry, name) for name in CONTENT_FIELDS)
 
 
 def _instance_order(entry: ServiceEntry) -> tuple[bool, int, str]:
@@ -687,7 +676,7 @@ class Registry:
     def _record_update(self, old: ServiceEntry, new: ServiceEntry, extra: dict[str, Any]) -> Event:
         old_dict = old.to_dict()
         new_dict = new.to_dict()
-        changes = [name for name in _CONTENT_FIELDS if old_dict[name] != new_dict[name]]
+        changes = [name for name in CONTENT_FIELDS if old_dict[name] != new_dict[name]]
         if "state" in changes:
             event_type = EventType.SERVICE_STATE_CHANGED
         elif "endpoints" in changes:

@@ -76,8 +76,12 @@ class RegistryError(Exception):
         return {"code": self.code, "message": self.message, "details": dict(self.details)}
 
 
-class ValidationError(RegistryError):
-    """Bad input: names the field and the value that was wrong."""
+class ValidationError(RegistryError, ValueError):
+    """Bad input: names the field and the value that was wrong.
+
+    Also a ``ValueError``, so that a validator raising it inside a msgspec struct's
+    ``__post_init__`` reaches :mod:`registry.schema` with the path to that struct.
+    """
 
     code = "bad_request"
 

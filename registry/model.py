@@ -23,11 +23,14 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 from .exceptions import ValidationError
 
 __all__ = [
+    "BOOKKEEPING_FIELDS",
+    "CONTENT_FIELDS",
+    "SERVICE_FIELDS",
     "Endpoint",
     "EndpointRecord",
     "InstanceKey",
@@ -530,6 +533,10 @@ class ServiceEntry:
 
 
 SERVICE_FIELDS = frozenset(ServiceEntry.__dataclass_fields__)
+BOOKKEEPING_FIELDS: Final = frozenset({"create_revision", "mod_revision", "updated_at"})
+"""Set by the registry on every write; a caller's values are ignored."""
+CONTENT_FIELDS: Final = tuple(name for name in ServiceEntry.__dataclass_fields__ if name not in BOOKKEEPING_FIELDS)
+"""What a caller says about an instance: an update that changes none of these is a heartbeat."""
 _REQUIRED_FIELDS = frozenset({"service_name", "host_id", "location", "network_info"})
 # (slot descriptor, field name, default) for every field, in declaration order.
 _SLOT_DEFAULTS = tuple(
