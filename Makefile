@@ -70,9 +70,12 @@ units: $(INSTALLED)
 	cd ansible_collections/svcreg/registry && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
 		$(CURDIR)/scripts/ansible-test-offline units --venv --python 3.11
 
-## bench: the benchmarks in bench/ (numbers for the notes, not pass/fail; bench_deploy needs root)
-bench: $(INSTALLED)
+## bench: the benchmarks in bench/ (numbers for the notes, not pass/fail; bench_deploy needs root).
+## bench_server drives svcreg, etcd (Debian's etcd-server) and a raw websockets echo side by side.
+bench: $(INSTALLED) system-deps
+	@$(PY) -c 'import aetcd' 2>/dev/null || $(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/bench_core.py
+	$(PY) bench/bench_server.py --runs 3
 	$(PY) bench/bench_deploy.py
 
 clean:
