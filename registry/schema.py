@@ -33,7 +33,7 @@ T = TypeVar("T")
 MAX_SHOWN: Final = 64
 """Bad values are quoted in error messages up to this many characters."""
 
-_MESSAGE: Final = re.compile(r"^(?P<detail>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_MESSAGE: Final = re.compile(r"^(?P<detail>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _STEP: Final = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
 _MISSING: Final = object()
 _KINDS: Final = {
@@ -127,6 +127,11 @@ def _translate(
     assert match is not None  # the pattern matches any string
     detail, location = match.group("detail"), match.group("path") or ""
     steps, value, leaf = _walk(data, type_, location)
+    if match.group("key"):
+        key = _first_bad_key(value, leaf)
+        field = _join(path, [*steps, str(key)] if key is not _MISSING else steps)
+        text, _ = _describe(detail, None)
+        return error(f"{where}{field or 'input'}: keys {text}, got {shown(key)}", field=field or None)
     cause = exc.__cause__
     if isinstance(cause, FieldError):
         if cause.field:
@@ -161,9 +166,11 @@ def _describe(detail: str, leaf: Any) -> tuple[str, str | None]:
     if detail.startswith("Invalid enum value"):
         choices = _enum_choices(leaf)
         return (f"must be one of {', '.join(choices)}" if choices else "is not one of the allowed values"), None
-    expected = re.fullmatch(r"Expected `(\w+)`(.*?)(?:, got `\w+`)?", detail)
+    expected = re.fullmatch(r"Expected `([\w |]+)`(.*?)(?:, got `[\w |]+`)?", detail)
     if expected:
-        kind = _KINDS.get(expected.group(1), f"a {expected.group(1)}")
+        names = expected.group(1).split(" | ")
+        kinds = [_KINDS.get(name, f"a {name}") for name in names if name != "null"]
+        kind = " or ".join(kinds + (["null"] if "null" in names else []))
         bound = expected.group(2).strip()
         if bound.startswith("matching regex"):
             bound = "in the allowed format"
@@ -252,6 +259,18 @@ def _first_bad_item(value: object, key_type: Any, value_type: Any) -> tuple[obje
         except (msgspec.ValidationError, TypeError):
             return key, item
     return _MISSING, _MISSING
+
+
+def _first_bad_key(value: object, type_: Any) -> object:
+    if not isinstance(value, Mapping):
+        return _MISSING
+    key_type, _ = _mapping_types(type_)
+    for key in value:
+        try:
+            msgspec.convert(key, key_type)
+        except (msgspec.ValidationError, TypeError):
+            return key
+    return _MISSING
 
 
 def _field_names(type_: Any) -> list[str]:

@@ -53,6 +53,8 @@ class Doc(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         ({"limits": {"max_conn": 1}}, "params.limits.max_conn", "expected some of: max_connections"),
         ({"surprise": 1}, "params.surprise", "unknown field"),
         (["not", "a", "mapping"], "params", "must be an object"),
+        ({"limits": [1]}, "params.limits", "must be an object or null, got [1]"),
+        ({"labels": {"a": "b", 7: "c"}}, "params.labels.7", "keys must be a string, got 7"),
     ],
 )
 def test_errors_name_the_path_and_the_value(data: object, field: str, fragment: str) -> None:
