@@ -136,11 +136,11 @@ def test_empty_and_missing_networks_are_an_empty_config() -> None:
 @pytest.mark.parametrize(
     ("yaml_text", "message", "field"),
     [
-        ("networks: [1, 2]", "'networks' must be a mapping", "networks"),
-        ("- a\n- b", "top level must be a mapping", "networks"),
+        ("networks: [1, 2]", r"networks: .*object", "networks"),
+        ("- a\n- b", "input: must be an object", None),
         (
             "networks:\n  lan: {type: lan, subnet: 192.168.1.0/33}",
-            "network 'lan': subnet .* is not a valid CIDR",
+            "networks.lan.subnet: subnet .* is not a valid CIDR",
             "networks.lan.subnet",
         ),
         ("networks:\n  lan: {type: lan, subnet: 192.168.1.0}", "is not a CIDR", "networks.lan.subnet"),
@@ -149,16 +149,16 @@ def test_empty_and_missing_networks_are_an_empty_config() -> None:
             "host bits set .did you mean 192.168.1.0/24",
             "networks.lan.subnet",
         ),
-        ("networks:\n  lan: {type: lan}", "network 'lan': 'subnet' is required", "networks.lan.subnet"),
+        ("networks:\n  lan: {type: lan}", "networks.lan.subnet: is required", "networks.lan.subnet"),
         (
             "networks:\n  lan: {type: mesh, subnet: 10.0.0.0/8}",
-            "network 'lan': unknown type 'mesh'",
+            "networks.lan.type: must be one of local, lan, wireguard, got 'mesh'",
             "networks.lan.type",
         ),
-        ("networks:\n  lan: {subnet: 10.0.0.0/8}", "'type' is required", "networks.lan.type"),
+        ("networks:\n  lan: {subnet: 10.0.0.0/8}", "networks.lan.type: is required", "networks.lan.type"),
         (
             "networks:\n  lan: {type: lan, subnet: 10.0.0.0/8, colour: red}",
-            "unknown key.*colour",
+            "networks.lan.colour: unknown field",
             "networks.lan.colour",
         ),
         (
@@ -166,29 +166,29 @@ def test_empty_and_missing_networks_are_an_empty_config() -> None:
             "local network must be a loopback subnet",
             "networks.lo.subnet",
         ),
-        ("networks:\n  lan: 5", "network 'lan': settings must be a mapping", "networks.lan"),
+        ("networks:\n  lan: 5", "networks.lan: must be an object, got 5", "networks.lan"),
         ("networks:\n  'bad name': {type: lan, subnet: 10.0.0.0/8}", "network name 'bad name' is invalid", "networks"),
         (
             "networks:\n  a: {type: lan, subnet: 10.0.0.0/16}\n  b: {type: lan, subnet: 10.0.5.0/24}",
-            r"network 'b': subnet 10.0.5.0/24 overlaps network 'a' \(10.0.0.0/16\)",
+            r"networks.b.subnet: subnet 10.0.5.0/24 overlaps network 'a' \(10.0.0.0/16\)",
             "networks.b.subnet",
         ),
         (
             "networks:\n  a: {type: lan, subnet: 10.0.0.0/24, nodes: [{host: 10.0.1.5, name: n1}]}",
-            "network 'a': node 'n1': host 10.0.1.5 is outside the subnet 10.0.0.0/24",
+            "networks.a.nodes.0..host: host 10.0.1.5 is outside the subnet 10.0.0.0/24",
             "networks.a.nodes[0].host",
         ),
         (
             "networks:\n  a: {type: lan, subnet: 10.0.0.0/24, nodes: "
             "[{host: 10.0.0.5, name: n1}, {host: 10.0.0.6, name: n1}]}",
-            "network 'a': duplicate node name 'n1'",
+            "networks.a.nodes.1..name: duplicate node name 'n1'",
             "networks.a.nodes[1].name",
         ),
         (
             "networks:\n  a: {type: lan, subnet: 10.0.0.0/24, nodes: [{host: 10.0.0.5, name: n1}]}\n"
             "  b: {type: lan, subnet: 10.0.1.0/24, nodes: [{host: 10.0.1.5, name: n1}]}",
-            "network 'b': node name 'n1' is already used in network 'a'",
-            "networks.b.nodes",
+            "networks.b.nodes.0..name: node name 'n1' is already used in network 'a'",
+            "networks.b.nodes[0].name",
         ),
         (
             "networks:\n  a: {type: lan, subnet: 10.0.0.0/24, nodes: "
@@ -198,8 +198,8 @@ def test_empty_and_missing_networks_are_an_empty_config() -> None:
         ),
         (
             "networks:\n  a: {type: lan, subnet: 10.0.0.0/24, nodes: [{name: n1}]}",
-            "node #1 is missing host",
-            "networks.a.nodes[0]",
+            "networks.a.nodes.0..host: is required",
+            "networks.a.nodes[0].host",
         ),
         (
             "networks:\n  a: {type: lan, subnet: 10.0.0.0/24, nodes: [{host: 10.0.0.300, name: n1}]}",
@@ -234,7 +234,7 @@ def test_empty_and_missing_networks_are_an_empty_config() -> None:
         ("networks:\n  a: {type: lan\n", "invalid YAML at line", "networks"),
     ],
 )
-def test_every_config_error_names_the_network_and_field(yaml_text: str, message: str, field: str) -> None:
+def test_every_config_error_names_the_network_and_field(yaml_text: str, message: str, field: str | None) -> None:
     with pytest.raises(ConfigError, match=message) as caught:
         NetworkConfig.from_yaml(yaml_text, source="services.yaml")
     assert caught.value.field == field
