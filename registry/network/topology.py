@@ -84,46 +84,49 @@ def parse_wireguard_config(text: str, *, source: str = "wireguard config") -> Wi
     Written by hand because the format repeats ``[Peer]`` sections, which configparser
     cannot represent. Private and preshared keys are skipped, never stored or echoed.
     """
-    addresses: list[str] = []
-    allowed: list[str] = []
+    wanted: dict[tuple[str, str], list[str]] = {("interface", "address"): [], ("peer", "allowedips"): []}
     section: str | None = None
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
+        where = f"{source}: line {number}"
         match = _SECTION.match(line)
         if match:
-            section = match.group("name").strip().lower()
-            if section not in ("interface", "peer"):
-                raise ConfigError(
-                    f"{source}: line {number}: unknown section [{match.group('name')}]", field="config_path"
-                )
-            continue
-        key, separator, value = line.partition("=")
-        if not separator:
-            raise ConfigError(f"{source}: line {number}: expected 'Key = Value'", field="config_path")
-        key = key.strip().lower()
-        if section is None:
-            raise ConfigError(f"{source}: line {number}: {key!r} is outside any section", field="config_path")
-        if key in ("privatekey", "presharedkey"):
-            continue
-        target = addresses if (section, key) == ("interface", "address") else None
-        if (section, key) == ("peer", "allowedips"):
-            target = allowed
-        if target is None:
-            continue
-        for item in value.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            try:
-                netaddr.IPNetwork(item)
-            except (netaddr.AddrFormatError, ValueError):
-                raise ConfigError(
-                    f"{source}: line {number}: {item!r} is not an address or CIDR", field="config_path"
-                ) from None
-            target.append(item)
-    return WireGuardConfig(tuple(addresses), tuple(allowed))
+            section = _section(match.group("name"), where)
+        elif line:
+            key, value = _setting(line, section, where)
+            target = wanted.get((section or "", key))
+            if target is not None:
+                target.extend(_networks(value, where))
+    return WireGuardConfig(tuple(wanted["interface", "address"]), tuple(wanted["peer", "allowedips"]))
+
+
+def _section(name: str, where: str) -> str:
+    section = name.strip().lower()
+    if section not in ("interface", "peer"):
+        raise ConfigError(f"{where}: unknown section [{name}]", field="config_path")
+    return section
+
+
+def _setting(line: str, section: str | None, where: str) -> tuple[str, str]:
+    """``(key in lower case, value)``; errors name the key at most, never a value (it may be a key)."""
+    key, separator, value = line.partition("=")
+    if not separator:
+        raise ConfigError(f"{where}: expected 'Key = Value'", field="config_path")
+    key = key.strip().lower()
+    if section is None:
+        raise ConfigError(f"{where}: {key!r} is outside any section", field="config_path")
+    return key, value
+
+
+def _networks(value: str, where: str) -> list[str]:
+    """The comma-separated addresses or CIDRs of an Address or AllowedIPs line."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    for item in items:
+        try:
+            netaddr.IPNetwork(item)
+        except (netaddr.AddrFormatError, ValueError):
+            raise ConfigError(f"{where}: {item!r} is not an address or CIDR", field="config_path") from None
+    return items
 
 
 _TIMEOUT: Final = 10  # seconds for one ip/wg command
