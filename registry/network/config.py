@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, cast
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 import netaddr
@@ -367,8 +367,10 @@ class NetworkConfig:
         document = convert({} if data is None else data, ServicesFile, where=where, error=ConfigError)
         if not document.networks:
             return cls(source=source)
-        # The conversion succeeded, so the raw networks and nodes are mappings and lists.
-        raw = cast(Mapping[str, Mapping[str, Any]], cast(Mapping[str, Any], data)["networks"])
+        # Host variables are the nodes' keys the struct does not declare: read them from the
+        # data, which convert() has accepted, so its networks and nodes are mappings and lists.
+        assert isinstance(data, Mapping)
+        raw: Mapping[str, Mapping[str, Any]] = data["networks"]
         networks = []
         for name, settings in document.networks.items():
             nodes: Sequence[Mapping[Any, Any]] = raw[name].get("nodes") or ()
