@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .auth import Role
 from .client import BlockingClient, ConnectionSettings, WsClient
-from .config import DeployConfig, ServerConfig, add_token, default_config_dir, init_directory
+from .config import DeployConfig, ServerConfig, default_config_dir
+from .setup import add_token, init_directory
 from .core import Registry
 from .events import Event, EventType, parse_event_types
 from .exceptions import (
