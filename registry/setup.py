@@ -17,11 +17,19 @@ from typing import Any, Final
 import yaml
 
 from .auth import Role, TokenEntry, generate_token, hash_token
-from .config import CONFIG_FILE_NAME, DEFAULT_LISTEN, Limits, ServerConfig, is_hostname, read_config_data
+from .config import (
+    CONFIG_FILE_NAME,
+    DEFAULT_LISTEN,
+    Limits,
+    ServerConfig,
+    default_config_dir,
+    is_hostname,
+    read_config_data,
+)
 from .exceptions import ConfigError
 from .pki import generate_ca, generate_server_certificate, write_file_atomically
 
-__all__ = ["InitResult", "add_token", "init_directory"]
+__all__ = ["InitResult", "add_token", "client_environment", "init_directory", "read_env_file"]
 
 _HEADER: Final = """\
 # svcreg server configuration (docs/security.md). Relative paths are relative to this file.
@@ -55,6 +63,32 @@ networks:
 
 def _dump_config(data: Mapping[str, Any]) -> bytes:
     return (_HEADER + yaml.safe_dump(dict(data), sort_keys=False, default_flow_style=False)).encode("utf-8")
+
+
+# --- client.env -----------------------------------------------------------------------------------------
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines, as in ``client.env`` (``#`` starts a comment line)."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        key, separator, value = line.strip().partition("=")
+        if separator and not key.startswith("#"):
+            values[key.strip()] = value.strip()
+    return values
+
+
+def client_environment(environ: Mapping[str, str], *, url: str | None = None) -> dict[str, str]:
+    """``environ`` completed from the ``client.env`` that ``svcreg init`` wrote in :func:`default_config_dir`.
+
+    The file is read only when no URL is given (``url`` or ``SVCREG_URL``), and it never
+    overrides a variable that is set.
+    """
+    completed = dict(environ)
+    env_file = default_config_dir() / "client.env"
+    if not completed.get("SVCREG_URL") and not url and env_file.is_file():
+        completed.update({key: value for key, value in read_env_file(env_file).items() if key not in completed})
+    return completed
 
 
 # --- tokens -------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""svcreg.yaml: parsing, validation, tokens, and `svcreg init`, on real files in tmp_path."""
+"""svcreg.yaml (registry.config): parsing, validation and the error paths, on real files in tmp_path."""
 
 from __future__ import annotations
 
@@ -204,3 +204,43 @@ def test_default_config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("SVCREG_HOME")
     monkeypatch.chdir(tmp_path)
     assert default_config_dir() == tmp_path / "var" / "svcreg"
+
+
+def test_the_deploy_section_resolves_its_paths_and_keeps_its_defaults(tmp_path: Path) -> None:
+    deploy = {"packages_dir": "/srv/packages", "ssh_key": "keys/deploy", "max_jobs": 2, "host_key_checking": False}
+    config = ServerConfig.from_dict(valid(deploy=deploy), base_dir=tmp_path)
+    assert config.deploy is not None
+    assert config.deploy.packages_dir == Path("/srv/packages")
+    assert config.deploy.ssh_key == tmp_path / "keys" / "deploy"
+    assert config.deploy.work_dir == tmp_path / "deploys"
+    assert (config.deploy.max_jobs, config.deploy.host_key_checking, config.deploy.install_base) == (2, False, "/opt")
+    assert ServerConfig.from_dict(config.to_dict(), base_dir="/elsewhere") == config
+
+
+@pytest.mark.parametrize(
+    ("deploy", "field", "message"),
+    [
+        ({"install_base": "opt"}, "deploy.install_base", "deploy.install_base: 'opt' must be an absolute path"),
+        ({"max_jobs": 0}, "deploy.max_jobs", "deploy.max_jobs: must be an integer >= 1, got 0"),
+        ({"keep_artifacts": "yes"}, "deploy.keep_artifacts", "must be true or false, got 'yes'"),
+        ({"ssh_user": " "}, "deploy.ssh_user", "deploy.ssh_user: must be a string"),
+        ({"work_dirs": "x"}, "deploy.work_dirs", "deploy.work_dirs: unknown field"),
+    ],
+)
+def test_deploy_errors_name_the_field(deploy: dict[str, Any], field: str, message: str, tmp_path: Path) -> None:
+    error = error_for(valid(deploy=deploy), tmp_path)
+    assert message in error.message
+    assert error.field == field
+
+
+def test_null_sections_mean_the_defaults(tmp_path: Path) -> None:
+    config = ServerConfig.from_dict(valid(limits=None, tokens=None, deploy=None, networks=None), base_dir=tmp_path)
+    assert (config.limits, config.token_entries, config.networks) == (Limits(), (), None)
+    assert config.deploy is not None and config.deploy.packages_dir == tmp_path / "packages"
+
+
+def test_a_token_hash_is_never_quoted(tmp_path: Path) -> None:
+    secret = "svcreg_pasted_by_mistake"
+    error = error_for(valid(tokens=[{"name": "a", "role": "read", "hash": [secret]}]), tmp_path)
+    assert error.field == "tokens[0].hash"
+    assert secret not in error.message
