@@ -57,6 +57,7 @@ def shrink_tls_read_buffers() -> None:
 
 def deploy_jobs(settings: DeployConfig, registry: Registry, networks: NetworkConfig | None) -> DeployJobs:
     """The deploy jobs of a server: a :class:`PackageDeployer` over ``settings``; creates its folders (0700)."""
+    # Imported here, like the server below: the CLI imports this module for every command, only `serve` needs them.
     from .deploy import PackageDeployer
     from .jobs import DeployJobs
     from .package import Limits as PackageLimits
