@@ -8,10 +8,13 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from registry import Endpoint, Location, NetworkInfo, ServiceEntry, ServiceState
+from registry.pki import CertificateBundle, generate_ca, generate_server_certificate
+from registry.tls import TlsClientConfig, TlsServerConfig
 
 
 class FakeClock:
@@ -37,7 +40,7 @@ def make_entry(
     **fields: object,
 ) -> ServiceEntry:
     fields.setdefault("endpoints", (Endpoint("http", 8080),))
-    return ServiceEntry(name, host, location, NetworkInfo(ip), state, **fields)  # type: ignore[arg-type]
+    return ServiceEntry(name, host, location, NetworkInfo(ip), state, **fields)
 
 
 SVCREG = [sys.executable, "-m", "registry.cli"]
@@ -100,3 +103,29 @@ class ServeProcess:
             raise AssertionError(f"svcreg serve ignored signal {signum} for {timeout} s") from None
         finally:
             self._drain.join(timeout=10)
+
+
+@dataclass
+class Pki:
+    """A CA and a server certificate for localhost, 127.0.0.1 and ::1, as files in ``directory``."""
+
+    directory: Path
+    ca: CertificateBundle
+    ca_file: Path
+    cert: Path
+    key: Path
+
+    def server(self, *, client_ca: Path | None = None) -> TlsServerConfig:
+        return TlsServerConfig.from_files(self.cert, self.key, client_ca=client_ca)
+
+    def client(self, **options: object) -> TlsClientConfig:
+        return TlsClientConfig(ca_file=self.ca_file, **options)
+
+
+def make_pki(directory: Path, **server_options: object) -> Pki:
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = generate_ca()
+    server = generate_server_certificate(ca, hostnames=["localhost"], ips=["127.0.0.1", "::1"], **server_options)
+    ca.write(directory / "ca.crt", directory / "ca.key")
+    server.write(directory / "server.crt", directory / "server.key")
+    return Pki(directory, ca, directory / "ca.crt", directory / "server.crt", directory / "server.key")

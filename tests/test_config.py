@@ -1,22 +1,18 @@
-"""svcreg.yaml: parsing, validation, tokens, and `svcreg init`, on real files in tmp_path."""
+"""svcreg.yaml (registry.config): parsing, validation and the error paths, on real files in tmp_path."""
 
 from __future__ import annotations
 
 import copy
 import re
-import socket
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from cryptography import x509
 
 from registry.auth import Role, hash_token
-from registry.config import Limits, ServerConfig, add_token, default_config_dir, init_directory
-from registry.exceptions import ConfigError, Unauthorized, ValidationError
-from registry.tls import TlsClientConfig, TlsServerConfig, client_identity
+from registry.config import Limits, ServerConfig, default_config_dir
+from registry.exceptions import ConfigError
 
 VALID: dict[str, Any] = {
     "listen": "127.0.0.1:9443",
@@ -112,9 +108,9 @@ def without(key: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("data", "field", "message"),
     [
-        (valid(listne="x"), "listne", "unknown keys listne"),
-        (valid(tls={**VALID["tls"], "ca": "x"}), "tls.ca", "tls: unknown keys ca"),
-        (valid(limits={"max_conections": 5}), "limits.max_conections", "limits: unknown keys max_conections"),
+        (valid(listne="x"), "listne", "listne: unknown field (expected some of: "),
+        (valid(tls={**VALID["tls"], "ca": "x"}), "tls.ca", "tls.ca: unknown field"),
+        (valid(limits={"max_conections": 5}), "limits.max_conections", "limits.max_conections: unknown field"),
         (valid(listen="9443"), "listen", "'9443' is not host:port"),
         (valid(listen="localhost:"), "listen", "'localhost:' is not host:port"),
         (valid(listen=":9443"), "listen", "':9443' is not host:port"),
@@ -124,27 +120,31 @@ def without(key: str) -> dict[str, Any]:
         (valid(listen="::1:9443"), "listen", "put an IPv6 address in brackets"),
         (valid(listen="[nope]:9443"), "listen", "[nope] is not an IPv6 address"),
         (valid(listen="bad host:9443"), "listen", "'bad host' is not a hostname"),
-        (valid(listen=9443), "listen", "9443 must be a non-empty string"),
+        (valid(listen=9443), "listen", "listen: must be a string, got 9443"),
         (without("tls"), "tls", "TLS is required"),
         (valid(tls=None), "tls", "TLS is required"),
-        (valid(tls="tls/"), "tls", "tls must be a mapping"),
-        (valid(tls={"cert": "c.pem"}), "tls.key", "tls.key is missing"),
-        (valid(tls={"cert": "", "key": "k"}), "tls.cert", "tls.cert '' must be a non-empty string"),
+        (valid(tls="tls/"), "tls", "tls: expected `object | null`, got `str`, got 'tls/'"),
+        (valid(tls={"cert": "c.pem"}), "tls.key", "tls.key: is required"),
+        (valid(tls={"cert": "", "key": "k"}), "tls.cert", "tls.cert: must be a string in the allowed format, got ''"),
         (
             valid(limits={"max_connections": 0}),
             "limits.max_connections",
-            "limits.max_connections 0 must be a positive integer",
+            "limits.max_connections: must be an integer >= 1, got 0",
         ),
-        (valid(limits={"send_queue": -5}), "limits.send_queue", "limits.send_queue -5 must be a positive integer"),
-        (valid(limits={"send_queue": 1.5}), "limits.send_queue", "1.5 must be a positive integer"),
-        (valid(limits={"max_message_size": True}), "limits.max_message_size", "True must be a positive integer"),
-        (valid(limits={"ping_timeout": 0}), "limits.ping_timeout", "limits.ping_timeout 0 must be a positive"),
-        (valid(limits={"ping_interval": float("inf")}), "limits.ping_interval", "inf must be a positive number"),
-        (valid(limits={"handshake_timeout": "10"}), "limits.handshake_timeout", "'10' must be a positive number"),
-        (valid(event_retention=0), "event_retention", "event_retention 0 must be a positive integer"),
+        (valid(limits={"send_queue": -5}), "limits.send_queue", "limits.send_queue: must be an integer >= 1, got -5"),
+        (valid(limits={"send_queue": 1.5}), "limits.send_queue", "must be an integer, got 1.5"),
+        (valid(limits={"max_message_size": True}), "limits.max_message_size", "must be an integer, got True"),
+        (valid(limits={"ping_timeout": 0}), "limits.ping_timeout", "limits.ping_timeout: must be a number > 0"),
+        (
+            valid(limits={"ping_interval": float("inf")}),
+            "limits.ping_interval",
+            "must be a number <= 31536000.0, got inf",
+        ),
+        (valid(limits={"handshake_timeout": "10"}), "limits.handshake_timeout", "must be a number, got '10'"),
+        (valid(event_retention=0), "event_retention", "event_retention: must be an integer >= 1, got 0"),
         (valid(synchronous="FAST"), "synchronous", "'FAST' is not one of OFF, NORMAL, FULL, EXTRA"),
-        (valid(synchronous=2), "synchronous", "2 is not one of"),
-        (valid(tokens={"admin": "x"}), "tokens", "tokens must be a list"),
+        (valid(synchronous=2), "synchronous", "synchronous: must be a string, got 2"),
+        (valid(tokens={"admin": "x"}), "tokens", "tokens: expected `array | null`, got `object`"),
         (
             valid(tokens=[{"name": "a", "role": "superuser", "hash": hash_token("t")}]),
             "tokens[0].role",
@@ -160,10 +160,10 @@ def without(key: str) -> dict[str, Any]:
             "tokens",
             "token name 'admin' is used twice",
         ),
-        (["listen"], "config", "config must be a mapping"),
+        (["listen"], None, "input: must be an object, got ['listen']"),
     ],
 )
-def test_validation_errors_name_the_field(data: Any, field: str, message: str, tmp_path: Path) -> None:
+def test_validation_errors_name_the_field(data: Any, field: str | None, message: str, tmp_path: Path) -> None:
     error = error_for(data, tmp_path)
     assert message in error.message
     assert error.field == field
@@ -180,7 +180,7 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must hold a mapping, not list"):
         ServerConfig.from_file(path)
     path.write_text(yaml.safe_dump(valid(synchronous="FAST")))
-    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: synchronous 'FAST'") as caught:
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: synchronous: 'FAST'") as caught:
         ServerConfig.from_file(path)
     assert caught.value.field == "synchronous"
 
@@ -194,7 +194,7 @@ def test_yaml_tags_are_refused(tmp_path: Path) -> None:
 
 def test_limits_validate_when_built_in_code() -> None:
     assert Limits(handshake_timeout=0.3).handshake_timeout == 0.3
-    with pytest.raises(ConfigError, match=r"limits\.max_connections -1"):
+    with pytest.raises(ConfigError, match=r"limits\.max_connections: must be an integer >= 1, got -1"):
         Limits(max_connections=-1)
 
 
@@ -206,179 +206,41 @@ def test_default_config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert default_config_dir() == tmp_path / "var" / "svcreg"
 
 
-# --- svcreg init --------------------------------------------------------------------------------------
+def test_the_deploy_section_resolves_its_paths_and_keeps_its_defaults(tmp_path: Path) -> None:
+    deploy = {"packages_dir": "/srv/packages", "ssh_key": "keys/deploy", "max_jobs": 2, "host_key_checking": False}
+    config = ServerConfig.from_dict(valid(deploy=deploy), base_dir=tmp_path)
+    assert config.deploy is not None
+    assert config.deploy.packages_dir == Path("/srv/packages")
+    assert config.deploy.ssh_key == tmp_path / "keys" / "deploy"
+    assert config.deploy.work_dir == tmp_path / "deploys"
+    assert (config.deploy.max_jobs, config.deploy.host_key_checking, config.deploy.install_base) == (2, False, "/opt")
+    assert ServerConfig.from_dict(config.to_dict(), base_dir="/elsewhere") == config
 
 
-def test_init_creates_every_file_with_the_right_mode(tmp_path: Path) -> None:
-    root = tmp_path / "svcreg"
-    result = init_directory(root, hostnames=["registry.example.com", "192.168.1.10"])
-    assert result.directory == root
-    assert mode(root) == 0o700
-    assert mode(root / "tls") == 0o700
-    expected = {
-        result.config_path: (root / "svcreg.yaml", 0o600),
-        result.ca_cert: (root / "tls" / "ca.crt", None),
-        result.ca_key: (root / "tls" / "ca.key", 0o600),
-        result.server_cert: (root / "tls" / "server.crt", None),
-        result.server_key: (root / "tls" / "server.key", 0o600),
-        result.token_path: (root / "admin.token", 0o600),
-        result.client_env: (root / "client.env", 0o600),
-        result.networks_path: (root / "services.yaml", None),
-    }
-    for path, (where, wanted) in expected.items():
-        assert path == where
-        assert path.is_file()
-        if wanted is not None:
-            assert mode(path) == wanted, path
-        else:
-            assert mode(path) & 0o022 == 0, path  # never writable by others
-    assert sorted(path.name for path in root.iterdir()) == [
-        "admin.token",
-        "client.env",
-        "services.yaml",
-        "svcreg.yaml",
-        "tls",
-    ]
-
-    token = result.admin_token
-    assert token.startswith("svcreg_")
-    assert result.token_path.read_text() == token + "\n"
-    assert token not in result.config_path.read_text()
-    assert token not in repr(result)
-    env = dict(line.split("=", 1) for line in result.client_env.read_text().splitlines() if not line.startswith("#"))
-    assert env == {"SVCREG_URL": "wss://127.0.0.1:9443", "SVCREG_CA": str(result.ca_cert), "SVCREG_TOKEN": token}
-
-    raw = yaml.safe_load(result.config_path.read_text())
-    assert raw["listen"] == "127.0.0.1:9443"
-    assert (raw["db"], raw["networks"]) == ("registry.db", "services.yaml")
-    assert raw["tls"] == {"cert": "tls/server.crt", "key": "tls/server.key", "client_ca": "tls/ca.crt"}
-    assert raw["tokens"] == [{"name": "admin", "role": "admin", "hash": hash_token(token)}]
-
-    networks = yaml.safe_load(result.networks_path.read_text())
-    assert networks == {"networks": {"local": {"type": "local", "subnet": "127.0.0.0/8"}}}
-    assert "type: lan" in result.networks_path.read_text()
-    assert "type: wireguard" in result.networks_path.read_text()
-
-    server = x509.load_pem_x509_certificate(result.server_cert.read_bytes())
-    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    dns = san.get_values_for_type(x509.DNSName)
-    ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
-    assert dns[0] == "localhost" and "registry.example.com" in dns
-    assert socket.gethostname() in dns
-    assert ips == ["127.0.0.1", "::1", "192.168.1.10"]
+@pytest.mark.parametrize(
+    ("deploy", "field", "message"),
+    [
+        ({"install_base": "opt"}, "deploy.install_base", "deploy.install_base: 'opt' must be an absolute path"),
+        ({"max_jobs": 0}, "deploy.max_jobs", "deploy.max_jobs: must be an integer >= 1, got 0"),
+        ({"keep_artifacts": "yes"}, "deploy.keep_artifacts", "must be true or false, got 'yes'"),
+        ({"ssh_user": " "}, "deploy.ssh_user", "deploy.ssh_user: must be a string"),
+        ({"work_dirs": "x"}, "deploy.work_dirs", "deploy.work_dirs: unknown field"),
+    ],
+)
+def test_deploy_errors_name_the_field(deploy: dict[str, Any], field: str, message: str, tmp_path: Path) -> None:
+    error = error_for(valid(deploy=deploy), tmp_path)
+    assert message in error.message
+    assert error.field == field
 
 
-def test_init_then_load_then_a_real_handshake(tmp_path: Path) -> None:
-    result = init_directory(tmp_path / "svcreg")
-    config = ServerConfig.from_file(result.config_path)
-    assert config.tokens.authenticate(result.admin_token).role is Role.ADMIN
-    assert config.db == result.directory / "registry.db"
-    assert config.tls.client_ca == result.ca_cert
-    tls = TlsServerConfig.from_files(config.tls.cert, config.tls.key, client_ca=config.tls.client_ca)
-    ca_file = dict(line.split("=", 1) for line in result.client_env.read_text().splitlines()[1:])["SVCREG_CA"]
-    client = TlsClientConfig(ca_file=ca_file)
-
-    seen: dict[str, Any] = {}
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        listener.settimeout(10)
-
-        def serve() -> None:
-            raw, _ = listener.accept()
-            with tls.ssl_context().wrap_socket(raw, server_side=True) as server_side:
-                seen["identity"] = client_identity(server_side.getpeercert())
-                server_side.sendall(server_side.recv(5))
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        with (
-            socket.create_connection(listener.getsockname(), timeout=10) as raw,
-            client.ssl_context().wrap_socket(raw, server_hostname="localhost") as client_side,
-        ):
-            client_side.sendall(b"hello")
-            assert client_side.recv(5) == b"hello"
-        thread.join(10)
-    assert seen == {"identity": None}
+def test_null_sections_mean_the_defaults(tmp_path: Path) -> None:
+    config = ServerConfig.from_dict(valid(limits=None, tokens=None, deploy=None, networks=None), base_dir=tmp_path)
+    assert (config.limits, config.token_entries, config.networks) == (Limits(), (), None)
+    assert config.deploy is not None and config.deploy.packages_dir == tmp_path / "packages"
 
 
-def test_init_refuses_a_second_time_and_force_replaces(tmp_path: Path) -> None:
-    root = tmp_path / "svcreg"
-    first = init_directory(root)
-    first_ca = first.ca_cert.read_bytes()
-    (root / "registry.db").write_bytes(b"precious")
-    (root / "services.yaml").write_text("networks: {}\n")
-    with pytest.raises(ConfigError, match=r"is already initialised: .*svcreg\.yaml exists; use --force") as caught:
-        init_directory(root)
-    assert first.admin_token not in str(caught.value)
-    assert first.token_path.read_text() == first.admin_token + "\n"
-
-    second = init_directory(root, force=True)
-    assert second.admin_token != first.admin_token
-    assert second.ca_cert.read_bytes() != first_ca
-    config = ServerConfig.from_file(second.config_path)
-    assert config.tokens.authenticate(second.admin_token).name == "admin"
-    with pytest.raises(Unauthorized):
-        config.tokens.authenticate(first.admin_token)
-    assert (root / "registry.db").read_bytes() == b"precious"
-    assert (root / "services.yaml").read_text() == "networks: {}\n"
-    assert mode(second.ca_key) == mode(second.token_path) == mode(second.config_path) == 0o600
-
-
-def test_init_into_an_existing_empty_directory(tmp_path: Path) -> None:
-    result = init_directory(tmp_path)
-    assert result.config_path == tmp_path / "svcreg.yaml"
-
-
-def test_init_refuses_a_bad_extra_hostname(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="'not a host' is not an ASCII DNS name"):
-        init_directory(tmp_path / "svcreg", hostnames=["not a host"])
-    assert not (tmp_path / "svcreg" / "svcreg.yaml").exists()
-
-
-# --- tokens ---------------------------------------------------------------------------------------------
-
-
-def test_add_token_appends_and_the_new_token_authenticates(tmp_path: Path) -> None:
-    result = init_directory(tmp_path / "svcreg")
-    before = ServerConfig.from_file(result.config_path)
-    token = add_token(result.config_path, "ci", Role.WRITE)
-    reader = add_token(result.config_path, "dashboard", "read")
-    after = ServerConfig.from_file(result.config_path)
-    assert [entry.name for entry in after.token_entries] == ["admin", "ci", "dashboard"]
-    assert after.tokens.authenticate(token).role is Role.WRITE
-    assert after.tokens.authenticate(reader).role is Role.READ
-    assert after.tokens.authenticate(result.admin_token).role is Role.ADMIN
-    assert mode(result.config_path) == 0o600
-    text = result.config_path.read_text()
-    assert token not in text and reader not in text
-    assert text.startswith("# svcreg server configuration")
-    # Everything else is unchanged, relative paths included.
-    assert ServerConfig.from_dict({**after.to_dict(), "tokens": before.to_dict()["tokens"]}, base_dir="/") == before
-    assert yaml.safe_load(text)["tls"]["cert"] == "tls/server.crt"
-    assert [path.name for path in result.directory.iterdir() if path.name.startswith(".")] == []
-
-
-def test_add_token_refuses_duplicates_bad_roles_and_bad_files(tmp_path: Path) -> None:
-    result = init_directory(tmp_path / "svcreg")
-    before = result.config_path.read_bytes()
-    with pytest.raises(ConfigError, match=r"svcreg\.yaml: token name 'admin' is used twice"):
-        add_token(result.config_path, "admin", Role.READ)
-    with pytest.raises(ValidationError, match="role 'root' is not one of"):
-        add_token(result.config_path, "x", "root")
-    with pytest.raises(ConfigError, match=r"token\.name 'two words'"):
-        add_token(result.config_path, "two words", Role.READ)
-    assert result.config_path.read_bytes() == before
-    broken = tmp_path / "broken.yaml"
-    broken.write_text(yaml.safe_dump(without("tls")))
-    with pytest.raises(ConfigError, match="TLS is required"):
-        add_token(broken, "x", Role.READ)
-    assert "tokens" in yaml.safe_load(broken.read_text())
-    assert len(yaml.safe_load(broken.read_text())["tokens"]) == 2
-
-
-def test_secrets_do_not_reach_the_server_context_errors(tmp_path: Path) -> None:
-    result = init_directory(tmp_path / "svcreg")
-    other = init_directory(tmp_path / "other")
-    with pytest.raises(ConfigError) as caught:
-        TlsServerConfig.from_files(result.server_cert, other.server_key)
-    key_body = "".join(other.server_key.read_text().splitlines()[1:-1])
-    assert key_body[:20] not in str(caught.value)
+def test_a_token_hash_is_never_quoted(tmp_path: Path) -> None:
+    secret = "svcreg_pasted_by_mistake"
+    error = error_for(valid(tokens=[{"name": "a", "role": "read", "hash": [secret]}]), tmp_path)
+    assert error.field == "tokens[0].hash"
+    assert secret not in error.message

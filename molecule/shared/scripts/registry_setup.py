@@ -25,8 +25,9 @@ from pathlib import Path
 import yaml
 
 from registry.auth import Role
-from registry.config import ServerConfig, add_token, init_directory
-from registry.tls import CertificateBundle, generate_client_certificate, write_file_atomically
+from registry.config import ServerConfig
+from registry.pki import CertificateBundle, generate_client_certificate, write_file_atomically
+from registry.setup import add_token, init_directory
 
 
 def _client(text: str) -> tuple[str, Role]:

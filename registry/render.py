@@ -1,0 +1,212 @@
+"""What the ``svcreg`` commands print: JSON for scripts (``--json``), tables and progress for people."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .app import RegistryApp
+    from .client import BlockingClient
+    from .events import Event
+    from .model import ServiceEntry
+    from .package import Package
+    from .setup import InitResult
+
+__all__ = [
+    "ALLOCATIONS",
+    "DEPLOY_RESULT",
+    "NETWORKS",
+    "PACKAGE",
+    "SERVICES",
+    "View",
+    "describe_event",
+    "emit",
+    "follow_job",
+    "print_deploy_result",
+    "print_init",
+    "print_new_token",
+    "print_serving",
+    "print_stopped",
+    "print_stopping",
+]
+
+Rows = list[list[str]]
+
+
+class View(NamedTuple):
+    """How a command's result becomes a table: its rows, under these headers."""
+
+    rows: Callable[[Any], Rows]
+    headers: list[str]
+
+
+def emit(data: Any, view: View, *, as_json: bool) -> None:
+    """JSON for scripts (``as_json``), a table for people (``(none)`` when it has no rows)."""
+    if as_json:
+        print(json.dumps(data, indent=2, default=lambda value: value.to_dict()))
+        return
+    rows = view.rows(data)
+    if not rows:
+        print("(none)")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*view.headers, box=None, header_style="bold")
+    for row in rows:
+        table.add_row(*row)
+    Console(soft_wrap=True).print(table)
+
+
+def _service_rows(entries: ServiceEntry | list[ServiceEntry]) -> Rows:
+    return [
+        [
+            entry.service_name,
+            entry.host_id,
+            entry.location.value,
+            entry.state.value,
+            entry.network_info.ip,
+            ", ".join(f"{e.name}:{e.port}/{e.protocol}" for e in entry.endpoints),
+            str(entry.mod_revision),
+        ]
+        for entry in (entries if isinstance(entries, list) else [entries])
+    ]
+
+
+def _allocation_rows(items: dict[str, Any] | list[dict[str, Any]]) -> Rows:
+    items = items if isinstance(items, list) else [items]
+    return [[item["owner"], item["network"], f"{item['ip']}/{item['prefixlen']}"] for item in items]
+
+
+def _network_rows(answer: dict[str, Any]) -> Rows:
+    """The networks of ``{"networks": [...], "topology": {...}}``."""
+    return [[n["name"], n["type"], n["subnet"], str(len(n.get("nodes", [])))] for n in answer["networks"]]
+
+
+def _package_rows(package: Package) -> Rows:
+    manifest = package.manifest
+    health = manifest.health
+    rows: Rows = [
+        ["file", str(package.path)],
+        ["name", manifest.name],
+        ["version", manifest.version],
+        ["description", manifest.description],
+        ["sha256", package.sha256],
+        ["size", f"{package.size:,} bytes ({package.unpacked_size:,} unpacked, {len(package.members)} members)"],
+        ["endpoints", ", ".join(f"{e.name}:{e.port}/{e.protocol}" for e in manifest.endpoints) or "-"],
+        [
+            "health",
+            "-" if health is None else (f"tcp {health.host}:{health.tcp}" if health.tcp else health.command or ""),
+        ],
+        ["env", ", ".join(var.name + ("" if var.required else f"={var.default}") for var in manifest.env) or "-"],
+        ["start / stop", f"{manifest.start} / {manifest.stop}"],
+    ]
+    if health is not None:
+        rows[7][1] += f" (timeout {health.timeout:g} s)"
+    return rows
+
+
+def _deploy_rows(result: dict[str, Any]) -> Rows:
+    """One row per host of a finished deploy job's ``result``."""
+    return [
+        [host, item["status"], item.get("version") or "-", item.get("rolled_back_to") or "-", item.get("message", "")]
+        for host, item in (result.get("hosts") or {}).items()
+    ]
+
+
+SERVICES = View(_service_rows, ["SERVICE", "HOST", "LOCATION", "STATE", "IP", "ENDPOINTS", "REVISION"])
+ALLOCATIONS = View(_allocation_rows, ["OWNER", "NETWORK", "IP"])
+NETWORKS = View(_network_rows, ["NETWORK", "TYPE", "SUBNET", "NODES"])
+PACKAGE = View(_package_rows, ["FIELD", "VALUE"])
+DEPLOY_RESULT = View(_deploy_rows, ["HOST", "RESULT", "VERSION", "ROLLED BACK TO", "MESSAGE"])
+
+
+def print_init(directory: Path, result: InitResult) -> None:
+    """What ``svcreg init`` made in ``directory`` (as given), the admin token (shown this once), how to start."""
+    print(f"initialised {directory}")
+    print(f"  config:   {result.config_path}")
+    print(f"  CA:       {result.ca_cert}")
+    print(f"  networks: {result.networks_path}")
+    print(f"  client:   {result.client_env}  (source it, or svcreg reads it by itself)")
+    print()
+    print("admin token (shown once; also in admin.token, mode 0600):")
+    print(f"  {result.admin_token}")
+    print()
+    print(f"start the registry:  svcreg serve --config {result.config_path}")
+
+
+def print_serving(app: RegistryApp) -> None:
+    assert app.registry is not None
+    revision = app.registry.revision
+    print(f"svcreg {__version__} serving wss://{app.address}/ (store {app.config.db}, revision {revision})", flush=True)
+
+
+def print_stopping(app: RegistryApp) -> None:
+    print("shutting down: closing connections and the store", flush=True)
+
+
+def print_stopped(app: RegistryApp) -> None:
+    assert app.registry is not None
+    print(f"stopped at revision {app.registry.revision}", flush=True)
+
+
+def print_new_token(token: str, *, name: str, role: str, config_path: Path) -> None:
+    """The token on stdout (for scripts), what happened on stderr."""
+    print(token)
+    print(f"token {name!r} ({role}) added to {config_path}; restart svcreg serve to use it", file=sys.stderr)
+
+
+def print_deploy_result(finished: dict[str, Any], *, as_json: bool) -> None:
+    """A finished deploy job: the whole ``finished`` data as JSON, or a row per host (and the error, if it broke)."""
+    result = finished.get("result") or {}
+    if as_json:
+        print(json.dumps(finished, indent=2))
+        return
+    emit(result, DEPLOY_RESULT, as_json=False)
+    if result.get("error"):
+        print(f"svcreg: error: the deploy job broke: {result['error']}", file=sys.stderr)
+
+
+def describe_event(event: Event) -> str:
+    service = event.service
+    subject = f"{service['service_name']}@{service['host_id']} {service['state']}" if service else ""
+    return f"{event.revision:>8}  {event.type.value:<24} {subject}"
+
+
+def follow_job(client: BlockingClient, job: dict[str, Any], *, console: Console, quiet: bool) -> Any:
+    """Show a job's progress (a bar on a terminal, a line per host and task) until it finishes.
+
+    Returns the job's ``finished`` data. ``quiet``: no bar and no lines (``--json``).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    hosts = [target["name"] for target in job["targets"]]
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet or not console.is_terminal,
+    ) as progress:
+        bar = progress.add_task(f"deploying {job['package']['name']} {job['package']['version']}", total=len(hosts))
+        while True:
+            message = client.next_job_message(timeout=None)
+            if message is None or message.job != job["job"]:
+                continue
+            if message.event == "finished":
+                return message.data
+            kind, host = message.data.get("kind"), message.data.get("host")
+            if kind in ("ok", "changed", "failed", "unreachable") and host in hosts:
+                progress.advance(bar)
+            if kind != "status" and not quiet:
+                note = f": {message.data['message']}" if message.data.get("message") else ""
+                progress.console.print(f"{host} {message.data.get('task', '')}: {kind}{note}", highlight=False)

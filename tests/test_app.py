@@ -1,0 +1,103 @@
+"""registry.app: the registry assembled from svcreg.yaml, started and stopped in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from registry import Registry
+from registry.app import RegistryApp
+from registry.client import ConnectionSettings, WsClient
+from registry.config import ServerConfig
+from registry.exceptions import ConfigError
+from registry.setup import InitResult, init_directory
+from registry.tls import TlsClientConfig
+
+from .helpers import free_port, make_entry
+
+
+def configure(result: InitResult, **changes: object) -> ServerConfig:
+    """The config `svcreg init` wrote, on a free port, with ``changes`` applied to the file."""
+    data = yaml.safe_load(result.config_path.read_text())
+    data.update({"listen": f"127.0.0.1:{free_port()}", **changes})
+    result.config_path.write_text(yaml.safe_dump(data))
+    return ServerConfig.from_file(result.config_path)
+
+
+def settings(app: RegistryApp, result: InitResult) -> ConnectionSettings:
+    return ConnectionSettings(f"wss://{app.address}/", TlsClientConfig(ca_file=result.ca_cert), result.admin_token)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> InitResult:
+    return init_directory(tmp_path / "svcreg")
+
+
+async def test_the_app_serves_its_config_and_stops_gracefully(home: InitResult) -> None:
+    config = configure(home)
+    async with RegistryApp(config, topology_interval=None) as app:
+        assert app.address == config.listen
+        client = await WsClient.connect(settings(app, home))
+        try:
+            await client.register_service(make_entry("web"))
+            assert [entry.service_name for entry in await client.list_services()] == ["web"]
+            assert [network["name"] for network in await client.list_networks()] == ["local"]  # services.yaml
+        finally:
+            await client.close()
+        registry = app.registry
+    assert registry is not None and registry.closed
+    assert app.server is None and app.deploys is None
+    await app.stop()  # a second stop does nothing
+    assert (home.directory / "packages").is_dir() and (home.directory / "deploys").is_dir()  # deploy jobs' folders
+    with Registry.with_persistence(config.db) as reopened:  # committed and closed: nothing lost
+        assert [entry.service_name for entry in reopened.list_services()] == ["web"]
+
+
+async def test_a_failed_start_leaves_nothing_open(home: InitResult) -> None:
+    config = configure(home)
+    with socket.create_server((config.host, config.port)):  # the port is taken
+        app = RegistryApp(config, topology_interval=None)
+        with pytest.raises(OSError):
+            await app.start()
+    assert app.registry is not None and app.registry.closed
+    assert app.server is None and app.deploys is None
+
+
+async def test_bad_tls_files_stop_the_start_before_the_store_opens(home: InitResult) -> None:
+    home.server_key.write_text("not a key\n")
+    app = RegistryApp(configure(home), topology_interval=None)
+    with pytest.raises(ConfigError, match=r"server\.key is not a PEM private key"):
+        await app.start()
+    assert app.registry is None
+    assert not (home.directory / "registry.db").exists()
+
+
+async def test_serve_runs_until_a_shutdown_is_requested(home: InitResult) -> None:
+    seen: list[str] = []
+
+    def started(app: RegistryApp) -> None:
+        seen.append(f"started {app.address}")
+        app.request_shutdown()
+
+    app = RegistryApp(configure(home), topology_interval=None)
+    await asyncio.wait_for(app.serve(started=started, stopping=lambda app: seen.append("stopping")), 30)
+    assert seen == [f"started {app.config.listen}", "stopping"]
+    assert app.registry is not None and app.registry.closed
+
+
+async def test_a_handled_signal_only_sets_the_flag(home: InitResult) -> None:
+    app = RegistryApp(configure(home), topology_interval=None)
+    loop = asyncio.get_running_loop()
+    app.handle_signals([signal.SIGUSR1])
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await asyncio.wait_for(app.wait_for_shutdown(), 10)
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
+    assert app.registry is None  # nothing was started or stopped by the signal itself
