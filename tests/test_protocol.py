@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from registry import (
@@ -19,12 +20,15 @@ from registry import (
 )
 from registry.events import Event
 from registry.exceptions import ERROR_CODES, error_from_wire
+from registry.model import Location
 from registry.protocol import (
     ACTIONS,
     ClientCodec,
     ErrorMessage,
     EventMessage,
+    InstanceParams,
     JobMessage,
+    NoParams,
     RequestError,
     Response,
     decode_request,
@@ -33,6 +37,7 @@ from registry.protocol import (
     encode_job,
     encode_response,
 )
+from registry.query import ServiceQuery
 
 from .helpers import make_entry
 
@@ -78,33 +83,97 @@ def test_job_frames_and_malformed_ones() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "request_id", "fragment"),
+    ("text", "request_id", "fragment", "field"),
     [
-        ("{not json", None, "not valid JSON"),
-        ("[1, 2]", None, "must be a JSON object"),
-        (json.dumps({"type": "request", "action": "ping"}), None, "id is missing"),
-        (json.dumps({"id": 7, "type": "request", "action": "ping"}), None, "must be a string"),
-        (json.dumps({"id": "x" * 129, "type": "request", "action": "ping"}), None, "1-128"),
-        (frame(type="response", action="ping"), "1", "type must be 'request'"),
-        (frame(action=5), "1", "action must be a string"),
-        (frame(action="ping", extra=1), "1", "unknown request field"),
-        (frame(action="ping", params=[1]), "1", "params must be an object"),
-        (frame(action="get_service", params={}), "1", "'service_name' is required"),
-        (frame(action="get_service", params={"service_name": 5}), "1", "must be string, got integer 5"),
-        (frame(action="subscribe", params={"since_revision": True}), "1", "must be integer, got boolean"),
-        (frame(action="subscribe", params={"since_revision": "3"}), "1", "must be integer, got string"),
-        (frame(action="ping", params={"loud": True}), "1", "unknown param(s) loud"),
-        (b"\xff\xfe", None, "not valid JSON"),
+        ("{not json", None, "not valid JSON", None),
+        ("[1, 2]", None, "must be a JSON object", None),
+        (json.dumps({"type": "request", "action": "ping"}), None, "id: is required", "id"),
+        (json.dumps({"id": 7, "type": "request", "action": "ping"}), None, "must be a string", "id"),
+        (json.dumps({"id": "x" * 129, "type": "request", "action": "ping"}), None, "length <= 128", "id"),
+        (frame(type="response", action="ping"), "1", "type: must be one of request", "type"),
+        (frame(action=5), "1", "action: must be a string", "action"),
+        (frame(action="ping", extra=1), "1", "extra: unknown field", "extra"),
+        (frame(action="ping", params=[1]), "1", "params: ", "params"),
+        (frame(action="get_service", params={}), "1", "params.service_name: is required", "params.service_name"),
+        (frame(action="get_service", params={"service_name": 5}), "1", "got 5", "params.service_name"),
+        (frame(action="subscribe", params={"since_revision": True}), "1", "got True", "params.since_revision"),
+        (frame(action="subscribe", params={"since_revision": "3"}), "1", "got '3'", "params.since_revision"),
+        (frame(action="ping", params={"loud": True}), "1", "params.loud: unknown field", "params.loud"),
+        (b"\xff\xfe", None, "not valid JSON", None),
     ],
 )
-def test_bad_frames_get_one_clear_error(text: str | bytes, request_id: str | None, fragment: str) -> None:
+def test_bad_frames_get_one_clear_error(
+    text: str | bytes, request_id: str | None, fragment: str, field: str | None
+) -> None:
     with pytest.raises(RequestError) as caught:
         decode_request(text)
     assert caught.value.request_id == request_id
     assert fragment in caught.value.message
+    assert caught.value.field == field
     assert caught.value.code == "bad_request"
     wire = json.loads(encode_error(caught.value.request_id, caught.value))
     assert wire["type"] == "error" and wire["id"] == request_id and wire["error"]["code"] == "bad_request"
+
+
+@pytest.mark.parametrize(
+    ("action", "params", "field", "fragment"),
+    [
+        ("subscribe", {"since_revision": 10**400}, "params.since_revision", "<= 9223372036854775807"),
+        ("subscribe", {"since_revision": -1}, "params.since_revision", ">= 0"),
+        ("subscribe", {"filter": {"location": "mars"}}, "params.filter.location", "must be one of local"),
+        ("subscribe", {"filter": {"colour": "red"}}, "params.filter.colour", "unknown field"),
+        ("subscribe", {"events": ["Nope"]}, "params.events[0]", "must be one of ServiceRegistered"),
+        ("list_services", {"location": "mars"}, "params.location", "got 'mars'"),
+        ("list_endpoints", {"tag": ""}, "params.tag", "length >= 1"),
+        ("set_state", {"service_name": "a", "state": "zzz"}, "params.state", "must be one of starting"),
+        ("register_service", {"service": []}, "params.service", "must be an object"),
+        ("allocate_ip", {"owner": "a"}, "params.network", "is required"),
+        (
+            "deploy_package",
+            {"package": "p", "targets": [{"host": "h", "ssh_user": 5}]},
+            "params.targets[0].ssh_user",
+            "got 5",
+        ),
+        (
+            "deploy_package",
+            {"package": "p", "targets": ["a", {"host": "h", "ssh_user": ["x"]}]},
+            "params.targets[1].ssh_user",
+            "got ['x']",
+        ),
+        (
+            "deploy_package",
+            {"package": "p", "target": {"host": "h", "install_base": 5}},
+            "params.target.install_base",
+            "got 5",
+        ),
+        ("deploy_package", {"package": "p", "target": {"host": "h", "port": 70000}}, "params.target.port", "<= 65535"),
+        ("deploy_package", {"package": "p", "targets": [5]}, "params.targets[0]", "got 5"),
+        ("deploy_package", {"package": "p", "keep_releases": 10**400}, "params.keep_releases", "<= 1000"),
+    ],
+)
+def test_params_are_checked_by_their_struct(action: str, params: dict[str, object], field: str, fragment: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        decode_request(frame(action=action, params=params))
+    assert (caught.value.request_id, caught.value.field, caught.value.code) == ("1", field, "bad_request")
+    assert caught.value.message.startswith(f"{field}: ") and fragment in caught.value.message
+
+
+def test_secrets_are_never_quoted() -> None:
+    for params in ({"token": ["svcreg_hunter2"]}, {"token": "svcreg_hunter2" * 1000}):
+        with pytest.raises(RequestError) as caught:
+            decode_request(frame(action="authenticate", params=params))
+        assert caught.value.field == "params.token" and "hunter2" not in caught.value.message
+    with pytest.raises(RequestError) as caught:
+        decode_request(frame(action="deploy_package", params={"package": "p", "env": {"DB_PASSWORD": ["hunter2"]}}))
+    assert caught.value.field == "params.env.DB_PASSWORD" and "hunter2" not in caught.value.message
+
+
+def test_null_params_are_absent_ones() -> None:
+    request = decode_request(frame(action="get_service", params={"service_name": "db", "host_id": None}))
+    assert request.args == InstanceParams("db") and request.args.host_id is None
+    assert decode_request(frame(action="ping", params=None)).args == NoParams()
+    subscribe = decode_request(frame(action="subscribe", params={"filter": {"location": "lan"}, "since_revision": 3}))
+    assert subscribe.args.filter == ServiceQuery(location=Location.LAN) and subscribe.args.since_revision == 3
 
 
 def test_unknown_action_keeps_the_request_id() -> None:
@@ -122,8 +191,7 @@ def test_client_refuses_unknown_actions_before_sending() -> None:
 def test_every_action_has_a_role_and_typed_params() -> None:
     assert {"ping", "authenticate"} == {name for name, spec in ACTIONS.items() if spec.role is None}
     for spec in ACTIONS.values():
-        for param in spec.params.values():
-            assert param.describe()
+        assert issubclass(spec.params, msgspec.Struct) and spec.params.__struct_config__.forbid_unknown_fields
 
 
 def test_errors_come_back_as_their_classes() -> None:

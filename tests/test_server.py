@@ -206,7 +206,7 @@ async def test_error_codes(tmp_path: Path, pki: Pki, tokens) -> None:
                 await client.get_service("ghost")
             with pytest.raises(ValidationError, match="location 'moon'") as caught:
                 await client.register_service(make_entry().to_dict() | {"location": "moon"})
-            assert caught.value.field == "location"
+            assert caught.value.field == "params.service.location"
             with pytest.raises(ValidationError, match="in the lan network 'production'"):
                 await client.register_service(make_entry(ip="192.168.1.7", location="wireguard"))
             await client.allocate_ip("a", "tiny")
