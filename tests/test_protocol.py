@@ -20,10 +20,11 @@ from registry import (
 )
 from registry.events import Event
 from registry.exceptions import ERROR_CODES, error_from_wire
-from registry.model import Location
+from registry.model import Location, ServiceEntry
 from registry.protocol import (
     ACTIONS,
     ClientCodec,
+    Delivery,
     ErrorMessage,
     EventMessage,
     InstanceParams,
@@ -31,6 +32,7 @@ from registry.protocol import (
     NoParams,
     RequestError,
     Response,
+    Route,
     decode_request,
     encode_error,
     encode_event,
@@ -252,3 +254,54 @@ def test_client_rejects_garbage_from_the_server(text: str) -> None:
 
     with pytest.raises(ProtocolError):
         ClientCodec().decode(text)
+
+
+def test_the_codec_routes_answers_to_their_requests_and_types_them() -> None:
+    codec = ClientCodec()
+    get_id, _ = codec.encode_request("get_service", {"service_name": "api-server"})
+    ping_id, _ = codec.encode_request("ping")
+    entry = make_entry()
+    pong = codec.route(encode_response(ping_id, {"pong": True}))
+    assert pong == Delivery(Route.REPLY, ping_id, {"pong": True})
+    got = codec.route(encode_response(get_id, entry))
+    assert got is not None and got.route is Route.REPLY and got.key == get_id
+    assert isinstance(got.item, ServiceEntry) and got.item.key == entry.key
+    assert codec.route(encode_response(get_id, entry)) is None  # answered already: nobody waits
+    lost_id, _ = codec.encode_request("ping")
+    codec.forget(lost_id)  # the caller timed out
+    assert codec.route(encode_response(lost_id, {"pong": True})) is None
+    failed_id, _ = codec.encode_request("get_service", {"service_name": "ghost"})
+    failed = codec.route(encode_error(failed_id, ServiceNotFound("gone")))
+    assert failed is not None and failed.route is Route.REPLY and isinstance(failed.item, ServiceNotFound)
+
+
+def test_a_malformed_answer_fails_its_caller_not_the_connection() -> None:
+    codec = ClientCodec()
+    request_id, _ = codec.encode_request("list_services")
+    delivery = codec.route(encode_response(request_id, [{"service_name": 5}]))
+    assert delivery is not None and delivery.key == request_id
+    assert isinstance(delivery.item, ProtocolError) and "list_services" in delivery.item.message
+
+
+def test_the_codec_routes_events_jobs_and_stream_errors_and_keeps_revisions() -> None:
+    codec = ClientCodec()
+    request_id, _ = codec.encode_request("subscribe")
+    assert codec.route(encode_response(request_id, {"subscription": "sub-1", "revision": 7})) == Delivery(
+        Route.REPLY, request_id, {"subscription": "sub-1", "revision": 7}
+    )
+    assert codec.last_revision("sub-1") == 7
+    event = Event(EventType.SERVICE_REGISTERED, 8, {"service": make_entry().to_dict()}, 1.5)
+    assert codec.route(encode_event("sub-1", event)) == Delivery(Route.EVENTS, "sub-1", event)
+    assert codec.last_revision("sub-1") == 8
+    lagged = SubscriptionLagged("slow", last_revision=8)
+    lagged.details["subscription"] = "sub-1"
+    delivery = codec.route(encode_error(None, lagged))
+    assert delivery is not None and (delivery.route, delivery.key) == (Route.EVENTS, "sub-1")
+    assert isinstance(delivery.item, SubscriptionLagged)
+    job = codec.route(encode_job("job-1", "progress", {"kind": "ok"}))
+    assert job == Delivery(Route.JOB, "job-1", JobMessage("job-1", "progress", {"kind": "ok"}))
+    request_id, _ = codec.encode_request("unsubscribe", {"subscription": "sub-1"})
+    codec.route(encode_response(request_id, {"unsubscribed": "sub-1"}))
+    assert codec.last_revision("sub-1") is None
+    with pytest.raises(ProtocolError):
+        codec.route("{")

@@ -256,6 +256,37 @@ async def test_a_thousand_malformed_frames_leave_the_server_healthy(running: Run
         assert (await client.ping())["pong"]
 
 
+def _entry_with_port_zero() -> dict[str, object]:
+    service = make_entry().to_dict()
+    for bookkeeping in ("create_revision", "mod_revision", "updated_at"):
+        service.pop(bookkeeping, None)
+    return service | {"endpoints": [{"name": "http", "port": 0}]}
+
+
+@pytest.mark.parametrize(
+    ("action", "params", "field"),
+    [
+        ("subscribe", {"since_revision": 10**400}, "params.since_revision"),
+        ("subscribe", {"filter": {"location": "mars"}}, "params.filter.location"),
+        ("list_services", {"location": "mars"}, "params.location"),
+        ("register_service", {"service": _entry_with_port_zero()}, "params.service.endpoints"),
+        ("register_service", {"service": {"service_name": 5}}, "params.service"),
+        ("deploy_package", {"package": "p", "targets": [{"host": "h", "ssh_user": 5}]}, "params.targets[0].ssh_user"),
+        ("deploy_package", {"package": "p", "target": {"host": "h", "install_base": 5}}, "params.target.install_base"),
+    ],
+)
+async def test_bad_params_are_a_bad_request_naming_the_field(
+    running: Running, action: str, params: dict[str, object], field: str
+) -> None:
+    headers = {"Authorization": f"Bearer {running.tokens['admin']}"}
+    async with connect(running.url, ssl=running.pki.client_tls().ssl_context(), additional_headers=headers) as raw:
+        await raw.send(json.dumps({"id": "r1", "type": "request", "action": action, "params": params}))
+        answer = json.loads(await asyncio.wait_for(raw.recv(), 10))
+    assert answer["id"] == "r1" and answer["error"]["code"] == "bad_request"
+    named = answer["error"]["details"]["field"]
+    assert named.startswith(field) and answer["error"]["message"].startswith(f"{named}: ")
+
+
 async def test_pipelined_requests_are_answered_by_id(running: Running) -> None:
     async with await running.client() as client:
         results = await asyncio.gather(*(client.register_service(make_entry(f"svc-{n}")) for n in range(50)))
