@@ -27,7 +27,7 @@ from websockets.sync.client import connect as sync_connect
 from .connection import ConnectionSettings, closed_error, connect_options, connecting, no_answer, registry_url
 from .events import Event, EventType
 from .exceptions import ConnectionFailed, RegistryError
-from .model import Location, ServiceEntry, ServiceState
+from .model import BOOKKEEPING_FIELDS, Location, ServiceEntry, ServiceState
 from .protocol import ClientCodec, Delivery, JobMessage, Route
 from .tls import TlsClientConfig
 
@@ -66,7 +66,7 @@ class _Actions:
 
     def register_service(self, entry: ServiceEntry | Mapping[str, Any]) -> Any:
         service = entry.to_dict() if isinstance(entry, ServiceEntry) else dict(entry)
-        for bookkeeping in ("create_revision", "mod_revision", "updated_at"):
+        for bookkeeping in BOOKKEEPING_FIELDS:  # the registry sets them
             service.pop(bookkeeping, None)
         return self._call("register_service", {"service": service})
 

@@ -21,7 +21,6 @@ __all__ = [
     "closed_error",
     "connect_options",
     "connecting",
-    "describe",
     "no_answer",
     "registry_url",
 ]
@@ -97,21 +96,21 @@ def connecting(url: str) -> Iterator[None]:
     except _CONNECT_ERRORS as exc:
         if isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403):
             error_class = Unauthorized if exc.response.status_code == 401 else Forbidden
-            raise error_class(f"{url} refused the connection: {describe(exc)}") from None
-        raise ConnectionFailed(f"cannot connect to {url}: {describe(exc)}") from None
+            raise error_class(f"{url} refused the connection: {_describe(exc)}") from None
+        raise ConnectionFailed(f"cannot connect to {url}: {_describe(exc)}") from None
 
 
 def closed_error(url: str, exc: BaseException | None = None) -> ConnectionFailed:
-    return ConnectionFailed(f"the connection to {url} closed: {describe(exc)}")
+    """The connection is gone; ``exc`` (the close frame, an unreadable frame) says why, when known."""
+    return ConnectionFailed(f"the connection to {url} closed" + (f": {_describe(exc)}" if exc is not None else ""))
 
 
 def no_answer(action: str, settings: ConnectionSettings) -> ConnectionFailed:
     return ConnectionFailed(f"{action}: no answer from {settings.url} in {settings.timeout} s")
 
 
-def describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "closed"
+def _describe(exc: BaseException) -> str:
+    """What went wrong, for a message: the close code and reason, the HTTP status, the error."""
     if isinstance(exc, ConnectionClosed):
         frame = exc.rcvd or exc.sent
         return f"code {frame.code} {frame.reason!r}" if frame else "no close frame"

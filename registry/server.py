@@ -6,9 +6,11 @@ handshake, an ``authenticate`` request as the first message, or a client certifi
 signed by the configured client CA). ``GET /healthz`` and ``GET /metrics`` are served
 on the same port.
 
-Writes go to the registry through ``asyncio.to_thread`` (they wait for an fsync);
-reads run inline. Each connection has a bounded send queue: a client that does not
-read is dropped with a reason, and never slows the others.
+This module is the transport: handshake, sessions, send queues, authorization and
+dispatch. The actions themselves are in :mod:`registry.handlers`, the metrics in
+:mod:`registry.metrics`. Writes go to the registry through ``asyncio.to_thread`` (they
+wait for an fsync); reads run inline. Each connection has a bounded send queue: a client
+that does not read is dropped with a reason, and never slows the others.
 """
 
 from __future__ import annotations
@@ -30,14 +32,7 @@ from .access import Visibility, visibility_for
 from .auth import Role, TokenRegistry
 from .config import Limits
 from .core import Registry
-from .exceptions import (
-    Forbidden,
-    InternalError,
-    RegistryError,
-    Unauthorized,
-    UnknownAction,
-    ValidationError,
-)
+from .exceptions import Forbidden, InternalError, RegistryError, Unauthorized, UnknownAction, ValidationError
 from .handlers import Handlers, Principal, Session, Then
 from .metrics import ServerMetrics
 from .protocol import ACTIONS, Request, RequestError, decode_request, encode_error, encode_response

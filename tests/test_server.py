@@ -12,6 +12,7 @@ import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -452,6 +453,29 @@ async def test_trio_client(running: Running) -> None:
                 return [(await client.next_event()).revision for _ in range(3)]
 
     assert await asyncio.to_thread(trio.run, scenario) == [1, 2, 3]
+
+
+async def test_every_client_flavour_fails_to_connect_the_same_way(running: Running) -> None:
+    async def trio_connect(settings: ConnectionSettings) -> None:
+        async with TrioClient(settings):
+            pass
+
+    def attempts(settings: ConnectionSettings) -> list[Any]:
+        return [
+            WsClient.connect(settings),
+            asyncio.to_thread(BlockingClient, settings),  # off the loop that runs the server
+            asyncio.to_thread(trio.run, trio_connect, settings),
+        ]
+
+    for attempt in attempts(ConnectionSettings(running.url, running.pki.client_tls(), "svcreg_wrong")):
+        with pytest.raises(Unauthorized, match="refused the connection: HTTP 401"):
+            await attempt
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nobody = f"wss://127.0.0.1:{unused.getsockname()[1]}/"
+    for attempt in attempts(ConnectionSettings(nobody, running.pki.client_tls(), timeout=2)):
+        with pytest.raises(ConnectionFailed, match=f"cannot connect to {nobody}"):
+            await attempt
 
 
 # --- topology re-detection -----------------------------------------------------------------------------
