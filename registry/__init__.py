@@ -7,8 +7,9 @@ The public names live here, whichever module defines them::
     from registry import WsServer, WsClient, BlockingClient, TrioClient, TlsServerConfig, TlsClientConfig
     from registry import PackageDeployer, RemoteTarget, build_package, inspect_package
 
-The network side (server, clients, TLS) and deployment are imported on first use, so ``import registry``
-for the library alone does not load websockets or prometheus-client.
+Only the exceptions are imported with the package; every other name is imported on first use,
+so ``import registry.client`` (the Ansible controller's only need) loads neither the store
+(sqlitedict), the network side (netaddr), the server (prometheus-client) nor deployment.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .core import DEFAULT_EVENT_RETENTION, Registry
-from .events import Event, EventFilter, EventType, Subscription
 from .exceptions import (
     Compacted,
     ConfigError,
@@ -38,18 +37,40 @@ from .exceptions import (
     UnknownAction,
     ValidationError,
 )
-from .model import Endpoint, EndpointRecord, Location, NetworkInfo, ServiceEntry, ServiceState
-from .network import Allocation, NetworkConfig, NetworkManager, Topology, detect_topology
-from .store import MemoryStore, SqliteStore, Store
 
 if TYPE_CHECKING:
     from .client import BlockingClient, ConnectionSettings, TrioClient, WsClient
+    from .core import DEFAULT_EVENT_RETENTION, Registry
     from .deploy import PackageDeployer, RemoteTarget
+    from .events import Event, EventFilter, EventType, Subscription
+    from .model import Endpoint, EndpointRecord, Location, NetworkInfo, ServiceEntry, ServiceState
+    from .network import Allocation, NetworkConfig, NetworkManager, Topology, detect_topology
     from .package import build_package, inspect_package
     from .server import WsServer
+    from .store import MemoryStore, SqliteStore, Store
     from .tls import TlsClientConfig, TlsServerConfig
 
 _LAZY = {
+    "DEFAULT_EVENT_RETENTION": "core",
+    "Registry": "core",
+    "Event": "events",
+    "EventFilter": "events",
+    "EventType": "events",
+    "Subscription": "events",
+    "Endpoint": "model",
+    "EndpointRecord": "model",
+    "Location": "model",
+    "NetworkInfo": "model",
+    "ServiceEntry": "model",
+    "ServiceState": "model",
+    "Allocation": "network",
+    "NetworkConfig": "network",
+    "NetworkManager": "network",
+    "Topology": "network",
+    "detect_topology": "network",
+    "MemoryStore": "store",
+    "SqliteStore": "store",
+    "Store": "store",
     "BlockingClient": "client",
     "ConnectionSettings": "client",
     "TrioClient": "client",
@@ -68,7 +89,13 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'registry' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 
 __version__ = "0.1.0"

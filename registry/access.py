@@ -51,11 +51,11 @@ class Visibility:
         if service["location"] == Location.LOCAL.value:
             host = service["host_id"]
             if self.on_registry_host:
-                return host == self.registry_host
+                return bool(host == self.registry_host)
             return host in self.caller_hosts
         if self.on_registry_host or network is None:
             return True
-        return network == self.network
+        return bool(network == self.network)
 
     def allows_entry(self, entry: ServiceEntry) -> bool:
         if self.everything:

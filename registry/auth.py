@@ -11,7 +11,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import msgspec
+
 from .exceptions import ConfigError, Unauthorized, ValidationError
+from .schema import convert
 
 __all__ = ["TOKEN_PREFIX", "Role", "TokenEntry", "TokenRegistry", "generate_token", "hash_token"]
 
@@ -104,19 +107,21 @@ class TokenEntry:
         Raises:
             ConfigError: not a mapping, unknown or missing keys, a bad name, role or hash.
         """
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{where} must be a mapping with name, role and hash", field=where)
-        unknown = sorted(set(data) - {"name", "role", "hash"})
-        if unknown:
-            raise ConfigError(f"{where} has unknown keys: {', '.join(map(str, unknown))}", field=where)
-        missing = [key for key in ("name", "role", "hash") if key not in data]
-        if missing:
-            raise ConfigError(f"{where} is missing {', '.join(missing)}", field=f"{where}.{missing[0]}")
-        role = data["role"]
-        if not isinstance(role, str) or role.upper() not in Role.__members__:
-            raise ConfigError(f"{where}.role {role!r} is not one of read, write, admin", field=f"{where}.role")
-        _check_entry(data["name"], Role[role.upper()], data["hash"], where=where)
-        return cls(data["name"], Role[role.upper()], data["hash"])
+        # The hash is never quoted: a plain token pasted there by mistake must not reach a log.
+        stored = convert(data, _StoredToken, path=where, error=ConfigError, secret={"hash"})
+        if stored.role.upper() not in Role.__members__:
+            raise ConfigError(f"{where}.role {stored.role!r} is not one of read, write, admin", field=f"{where}.role")
+        role = Role[stored.role.upper()]
+        _check_entry(stored.name, role, stored.hash, where=where)
+        return cls(stored.name, role, stored.hash)
+
+
+class _StoredToken(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A token entry as written in the configuration."""
+
+    name: str
+    role: str
+    hash: str
 
 
 class TokenRegistry:

@@ -1,6 +1,8 @@
 """Clients for the WebSocket API: asyncio (:class:`WsClient`), trio (:class:`TrioClient`) and
 blocking (:class:`BlockingClient`). All three are thin adapters over
-:class:`registry.protocol.ClientCodec`; the actions are defined once, in :class:`_Actions`.
+:class:`registry.protocol.ClientCodec`, which decides where each frame from the server goes;
+the clients only move frames and wake whoever waits. The actions are defined once, in
+:class:`_Actions`; connecting is shared (:mod:`registry.connection`).
 
 A server error raises the exception class of its wire code (``ServiceNotFound`` for
 ``not_found``, ``Forbidden``, ``Compacted``...), so callers handle the same exceptions
@@ -12,22 +14,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection as SyncConnection
 from websockets.sync.client import connect as sync_connect
 
+from .connection import ConnectionSettings, closed_error, connect_options, connecting, no_answer, registry_url
 from .events import Event, EventType
-from .exceptions import Compacted, ConnectionFailed, Forbidden, RegistryError, Unauthorized, ValidationError
-from .model import EndpointRecord, Location, ServiceEntry, ServiceState
-from .protocol import ClientCodec, ErrorMessage, EventMessage, JobMessage, Response
+from .exceptions import ConnectionFailed, RegistryError
+from .model import BOOKKEEPING_FIELDS, Location, ServiceEntry, ServiceState
+from .protocol import ClientCodec, Delivery, JobMessage, Route
 from .tls import TlsClientConfig
 
 __all__ = ["BlockingClient", "ConnectionSettings", "TrioClient", "WsClient", "registry_url"]
@@ -37,72 +38,6 @@ log = logging.getLogger(__name__)
 _EVENT_QUEUE = 10_000
 
 
-def registry_url(addr: str) -> str:
-    """``host:port`` or ``wss://host:port/`` -> a ``wss://`` URL; ``ws://`` is refused."""
-    if addr.startswith("wss://"):
-        return addr
-    if addr.startswith(("ws://", "http://")):
-        raise ValidationError(f"{addr!r}: svcreg only speaks TLS; use wss://", field="url")
-    if addr.startswith("https://"):
-        return "wss://" + addr.removeprefix("https://")
-    return f"wss://{addr}/"
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionSettings:
-    """Where and how to connect; ``from_env`` reads SVCREG_URL, SVCREG_CA, SVCREG_TOKEN..."""
-
-    url: str
-    tls: TlsClientConfig
-    token: str | None = None
-    timeout: float = 10.0
-    max_message_size: int = 16 * 2**20
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ConnectionSettings:
-        env = os.environ if environ is None else environ
-        url = overrides.pop("url", None) or env.get("SVCREG_URL")
-        if not url:
-            raise ValidationError("no registry URL: pass --url or set SVCREG_URL", field="url")
-        tls = overrides.pop("tls", None) or TlsClientConfig(
-            ca_file=env.get("SVCREG_CA") or None,
-            cert=env.get("SVCREG_CLIENT_CERT") or None,
-            key=env.get("SVCREG_CLIENT_KEY") or None,
-        )
-        token = overrides.pop("token", None) or env.get("SVCREG_TOKEN") or None
-        return cls(registry_url(url), tls, token, **overrides)
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
-
-    def __repr__(self) -> str:  # never show the token
-        return f"ConnectionSettings(url={self.url!r}, token={'***' if self.token else None})"
-
-
-def _entry(result: Any) -> ServiceEntry:
-    return ServiceEntry.from_dict(result)
-
-
-def _entries(result: Any) -> list[ServiceEntry]:
-    return [ServiceEntry.from_dict(item) for item in result]
-
-
-def _endpoints(result: Any) -> list[EndpointRecord]:
-    return [
-        EndpointRecord(
-            item["service_name"],
-            item["host_id"],
-            item["endpoint"],
-            item["protocol"],
-            item["ip"],
-            item["port"],
-            Location(item["location"]),
-            ServiceState(item["state"]),
-        )
-        for item in result
-    ]
-
-
 def _filters(**filters: Any) -> dict[str, Any]:
     return {key: (value.value if hasattr(value, "value") else value) for key, value in filters.items()}
 
@@ -110,9 +45,8 @@ def _filters(**filters: Any) -> dict[str, Any]:
 class _Actions:
     """One method per action. ``_call`` returns the value (blocking) or an awaitable."""
 
-    def _call(
-        self, action: str, params: Mapping[str, Any] | None = None, convert: Callable[[Any], Any] | None = None
-    ) -> Any:
+    def _call(self, action: str, params: Mapping[str, Any] | None = None) -> Any:
+        """The action's result, typed by the codec (entries for entry actions)."""
         raise NotImplementedError
 
     def ping(self) -> Any:
@@ -122,30 +56,30 @@ class _Actions:
         return self._call("authenticate", {"token": token})
 
     def list_services(self, **filters: Any) -> Any:
-        return self._call("list_services", _filters(**filters), _entries)
+        return self._call("list_services", _filters(**filters))
 
     def get_service(self, service_name: str, host_id: str | None = None) -> Any:
-        return self._call("get_service", {"service_name": service_name, "host_id": host_id}, _entry)
+        return self._call("get_service", {"service_name": service_name, "host_id": host_id})
 
     def list_endpoints(self, **filters: Any) -> Any:
-        return self._call("list_endpoints", _filters(**filters), _endpoints)
+        return self._call("list_endpoints", _filters(**filters))
 
     def register_service(self, entry: ServiceEntry | Mapping[str, Any]) -> Any:
         service = entry.to_dict() if isinstance(entry, ServiceEntry) else dict(entry)
-        for bookkeeping in ("create_revision", "mod_revision", "updated_at"):
+        for bookkeeping in BOOKKEEPING_FIELDS:  # the registry sets them
             service.pop(bookkeeping, None)
-        return self._call("register_service", {"service": service}, _entry)
+        return self._call("register_service", {"service": service})
 
     add_or_update = register_service
 
     def remove_service(self, service_name: str, host_id: str | None = None) -> Any:
-        return self._call("remove_service", {"service_name": service_name, "host_id": host_id}, _entry)
+        return self._call("remove_service", {"service_name": service_name, "host_id": host_id})
 
     def set_state(self, service_name: str, state: ServiceState | str, host_id: str | None = None) -> Any:
-        return self._call("set_state", {"service_name": service_name, "state": str(state), "host_id": host_id}, _entry)
+        return self._call("set_state", {"service_name": service_name, "state": str(state), "host_id": host_id})
 
     def heartbeat(self, service_name: str, host_id: str | None = None) -> Any:
-        return self._call("heartbeat", {"service_name": service_name, "host_id": host_id}, _entry)
+        return self._call("heartbeat", {"service_name": service_name, "host_id": host_id})
 
     def list_networks(self) -> Any:
         return self._call("list_networks")
@@ -212,6 +146,13 @@ class _Actions:
         }
 
 
+def _raised(item: Any) -> Any:
+    """A delivered item: errors are raised, anything else is returned."""
+    if isinstance(item, RegistryError):
+        raise item
+    return item
+
+
 class WsClient(_Actions):
     """The asyncio client. ``await WsClient.connect_tls("localhost:9443", tls, token=...)``."""
 
@@ -219,9 +160,8 @@ class WsClient(_Actions):
         self._connection = connection
         self._settings = settings
         self._codec = ClientCodec()
-        self._pending: dict[str, asyncio.Future[Any]] = {}
+        self._replies: dict[str, asyncio.Future[Any]] = {}
         self._events: asyncio.Queue[Event | RegistryError] = asyncio.Queue(maxsize=_EVENT_QUEUE)
-        self._last_revision: dict[str, int] = {}
         self._jobs: dict[str, asyncio.Queue[JobMessage | RegistryError]] = {}
         self._reader = asyncio.create_task(self._read())
 
@@ -234,21 +174,12 @@ class WsClient(_Actions):
         token: str | None = None,
         timeout: float = 10.0,
     ) -> WsClient:
-        settings = ConnectionSettings(registry_url(addr), tls_config or TlsClientConfig.default(), token, timeout)
-        return await cls.connect(settings)
+        return await cls.connect(ConnectionSettings.for_address(addr, tls_config, token=token, timeout=timeout))
 
     @classmethod
     async def connect(cls, settings: ConnectionSettings) -> WsClient:
-        try:
-            connection = await connect(
-                settings.url,
-                ssl=settings.tls.ssl_context(),
-                additional_headers=settings.headers(),
-                open_timeout=settings.timeout,
-                max_size=settings.max_message_size,
-            )
-        except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
-            raise _connect_error(settings.url, exc) from None
+        with connecting(settings.url):
+            connection = await connect(settings.url, **connect_options(settings))
         return cls(connection, settings)
 
     async def __aenter__(self) -> WsClient:
@@ -262,41 +193,35 @@ class WsClient(_Actions):
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
 
-    async def _call(
-        self, action: str, params: Mapping[str, Any] | None = None, convert: Callable[[Any], Any] | None = None
-    ) -> Any:
+    async def _call(self, action: str, params: Mapping[str, Any] | None = None) -> Any:
         request_id, frame = self._codec.encode_request(action, params)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        self._replies[request_id] = reply = asyncio.get_running_loop().create_future()
         try:
             await self._connection.send(frame)
-            result = await asyncio.wait_for(future, self._settings.timeout)
+            return _raised(await asyncio.wait_for(reply, self._settings.timeout))
         except ConnectionClosed as exc:
-            raise ConnectionFailed(f"the connection to {self._settings.url} closed: {_describe(exc)}") from None
+            raise closed_error(self._settings.url, exc) from None
         except TimeoutError:
-            raise ConnectionFailed(
-                f"{action}: no answer from {self._settings.url} in {self._settings.timeout} s"
-            ) from None
+            raise no_answer(action, self._settings) from None
         finally:
-            self._pending.pop(request_id, None)
-        return convert(result) if convert is not None else result
+            self._replies.pop(request_id, None)
+            self._codec.forget(request_id)
 
     async def _read(self) -> None:
         closed: BaseException | None = None
         try:
             async for frame in self._connection:
-                message = self._codec.decode(frame)
-                if isinstance(message, EventMessage):
-                    self._last_revision[message.subscription] = message.event.revision
-                    await self._events.put(message.event)
-                elif isinstance(message, JobMessage):
-                    self._job_queue(message.job).put_nowait(message)
-                elif isinstance(message, Response):
-                    self._resolve(message.id, result=message.result)
-                elif message.id is not None:
-                    self._resolve(message.id, error=message.error)
-                else:  # an error about a subscription (e.g. lagged): surfaces at next_event
-                    await self._events.put(message.error)
+                delivery = self._codec.route(frame)
+                if delivery is None:
+                    continue
+                if delivery.route is Route.REPLY:
+                    reply = self._replies.get(delivery.key)
+                    if reply is not None and not reply.done():
+                        reply.set_result(delivery.item)
+                elif delivery.route is Route.JOB:
+                    self._job_queue(delivery.key).put_nowait(delivery.item)
+                else:
+                    await self._events.put(delivery.item)
         except ConnectionClosed as exc:
             closed = exc
         except RegistryError as exc:
@@ -305,11 +230,12 @@ class WsClient(_Actions):
             closed = exc
             await self._connection.close(1002, "unreadable frame")
         finally:
-            failure = ConnectionFailed(f"the connection to {self._settings.url} closed: {_describe(closed)}")
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(failure)
-            self._events.put_nowait(failure) if not self._events.full() else None
+            failure = closed_error(self._settings.url, closed)
+            for reply in self._replies.values():
+                if not reply.done():
+                    reply.set_result(failure)
+            if not self._events.full():
+                self._events.put_nowait(failure)
             for queue in self._jobs.values():
                 queue.put_nowait(failure)
 
@@ -327,23 +253,12 @@ class WsClient(_Actions):
             raise ConnectionFailed(f"the connection to {self._settings.url} is closed")
         try:
             while True:
-                item = await asyncio.wait_for(queue.get(), timeout)
-                if isinstance(item, RegistryError):
-                    raise item
-                yield item
-                if item.event == "finished":
+                message: JobMessage = _raised(await asyncio.wait_for(queue.get(), timeout))
+                yield message
+                if message.event == "finished":
                     return
         finally:
             self._jobs.pop(job, None)
-
-    def _resolve(self, request_id: str, *, result: Any = None, error: RegistryError | None = None) -> None:
-        future = self._pending.get(request_id)
-        if future is None or future.done():
-            log.debug("a response to unknown request %s", request_id)
-        elif error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
 
     async def subscribe(
         self,
@@ -354,12 +269,10 @@ class WsClient(_Actions):
     ) -> str:
         """Subscribe; returns the subscription id. Events arrive through :meth:`next_event`."""
         result = await self._call("subscribe", self._subscribe_params(events, since_revision, filter))
-        self._last_revision[result["subscription"]] = result["revision"]
-        return result["subscription"]
+        return str(result["subscription"])
 
     async def unsubscribe(self, subscription: str) -> None:
         await self._call("unsubscribe", {"subscription": subscription})
-        self._last_revision.pop(subscription, None)
 
     async def next_event(self, timeout: float | None = None) -> Event:
         """The next event of any subscription on this connection.
@@ -368,10 +281,8 @@ class WsClient(_Actions):
             SubscriptionLagged: the server dropped a subscription that fell behind.
             ConnectionFailed: the connection closed.
         """
-        item = await asyncio.wait_for(self._events.get(), timeout)
-        if isinstance(item, RegistryError):
-            raise item
-        return item
+        event: Event = _raised(await asyncio.wait_for(self._events.get(), timeout))
+        return event
 
     @classmethod
     async def watch(
@@ -400,44 +311,23 @@ class WsClient(_Actions):
             delay = retry_delay
             try:
                 subscription = await client.subscribe(wanted, since_revision=last, filter=filter)
-                last = client._last_revision[subscription]
+                last = client._codec.last_revision(subscription)
                 while True:
                     event = await client.next_event()
                     last = event.revision
                     yield event
             except ConnectionFailed as exc:
                 log.warning("%s; reconnecting and resuming after revision %s", exc.message, last)
-            except Compacted:
-                raise
             finally:
                 await client.close()
-
-
-def _connect_error(url: str, exc: BaseException) -> RegistryError:
-    """The error for a failed connection attempt; a refused token is not a network problem."""
-    if isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403):
-        error_class = Unauthorized if exc.response.status_code == 401 else Forbidden
-        return error_class(f"{url} refused the connection: {_describe(exc)}")
-    return ConnectionFailed(f"cannot connect to {url}: {_describe(exc)}")
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "closed"
-    if isinstance(exc, ConnectionClosed):
-        frame = exc.rcvd or exc.sent
-        return f"code {frame.code} {frame.reason!r}" if frame else "no close frame"
-    if isinstance(exc, InvalidStatus):
-        body = exc.response.body.decode(errors="replace").strip() if exc.response.body else ""
-        return f"HTTP {exc.response.status_code} {body}".strip()
-    return str(exc) or type(exc).__name__
 
 
 class BlockingClient(_Actions):
     """The blocking client, for threads and for the Ansible plugins.
 
-    One call at a time per client (a lock serialises them). Events that arrive while a
-    call waits for its answer are kept for :meth:`next_event`.
+    One call at a time per client (a lock serialises them). Events and job messages that
+    arrive while a call waits for its answer are kept for :meth:`next_event` and
+    :meth:`next_job_message`.
     """
 
     def __init__(self, settings: ConnectionSettings) -> None:
@@ -448,24 +338,16 @@ class BlockingClient(_Actions):
         self._job_messages: deque[JobMessage] = deque()
         # websockets >= 17.1 wants connect() used as a context manager; the stack keeps it open until close().
         self._stack = contextlib.ExitStack()
-        try:
+        with connecting(settings.url):
             self._connection: SyncConnection = self._stack.enter_context(
-                sync_connect(
-                    settings.url,
-                    ssl=settings.tls.ssl_context(),
-                    additional_headers=settings.headers(),
-                    open_timeout=settings.timeout,
-                    max_size=settings.max_message_size,
-                )
+                sync_connect(settings.url, **connect_options(settings))
             )
-        except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
-            raise _connect_error(settings.url, exc) from None
 
     @classmethod
     def connect_tls(
         cls, addr: str, tls_config: TlsClientConfig | None = None, *, token: str | None = None, timeout: float = 10.0
     ) -> BlockingClient:
-        return cls(ConnectionSettings(registry_url(addr), tls_config or TlsClientConfig.default(), token, timeout))
+        return cls(ConnectionSettings.for_address(addr, tls_config, token=token, timeout=timeout))
 
     def __enter__(self) -> BlockingClient:
         return self
@@ -476,35 +358,30 @@ class BlockingClient(_Actions):
     def close(self) -> None:
         self._stack.close()
 
-    def _receive(self, timeout: float | None) -> Response | ErrorMessage | EventMessage | JobMessage:
+    def _receive(self, timeout: float | None) -> Delivery | None:
         try:
             frame = self._connection.recv(timeout=timeout)
         except ConnectionClosed as exc:
-            raise ConnectionFailed(f"the connection to {self._settings.url} closed: {_describe(exc)}") from None
-        return self._codec.decode(frame)
+            raise closed_error(self._settings.url, exc) from None
+        return self._codec.route(frame)
 
-    def _call(
-        self, action: str, params: Mapping[str, Any] | None = None, convert: Callable[[Any], Any] | None = None
-    ) -> Any:
+    def _call(self, action: str, params: Mapping[str, Any] | None = None) -> Any:
         request_id, frame = self._codec.encode_request(action, params)
         with self._lock:
             try:
                 self._connection.send(frame)
+                while True:
+                    try:
+                        delivery = self._receive(self._settings.timeout)
+                    except TimeoutError:
+                        raise no_answer(action, self._settings) from None
+                    if delivery is not None and delivery.route is Route.REPLY and delivery.key == request_id:
+                        return _raised(delivery.item)
+                    self._keep(delivery)
             except ConnectionClosed as exc:
-                raise ConnectionFailed(f"the connection to {self._settings.url} closed: {_describe(exc)}") from None
-            while True:
-                try:
-                    message = self._receive(self._settings.timeout)
-                except TimeoutError:
-                    raise ConnectionFailed(
-                        f"{action}: no answer from {self._settings.url} in {self._settings.timeout} s"
-                    ) from None
-                if not isinstance(message, (Response, ErrorMessage)) or message.id != request_id:
-                    self._stash(message)
-                elif isinstance(message, ErrorMessage):
-                    raise message.error
-                else:
-                    return convert(message.result) if convert is not None else message.result
+                raise closed_error(self._settings.url, exc) from None
+            finally:
+                self._codec.forget(request_id)
 
     def subscribe(
         self,
@@ -513,39 +390,38 @@ class BlockingClient(_Actions):
         since_revision: int | None = None,
         filter: Mapping[str, Any] | None = None,
     ) -> str:
-        return self._call("subscribe", self._subscribe_params(events, since_revision, filter))["subscription"]
+        return str(self._call("subscribe", self._subscribe_params(events, since_revision, filter))["subscription"])
 
     def unsubscribe(self, subscription: str) -> None:
         self._call("unsubscribe", {"subscription": subscription})
 
-    def _stash(self, message: Response | ErrorMessage | EventMessage | JobMessage) -> None:
-        """Keep what arrived while waiting for something else: events, subscription errors, job messages."""
-        if isinstance(message, EventMessage):
-            self._events.append(message.event)
-        elif isinstance(message, JobMessage):
-            self._job_messages.append(message)
-        elif isinstance(message, ErrorMessage) and message.id is None:
-            self._events.append(message.error)
+    def _keep(self, delivery: Delivery | None) -> None:
+        """Keep what arrived while waiting for something else."""
+        if delivery is None:
+            return
+        if delivery.route is Route.EVENTS:
+            self._events.append(delivery.item)
+        elif delivery.route is Route.JOB:
+            self._job_messages.append(delivery.item)
 
     def _next_kept(self, kept: deque[Any], timeout: float | None) -> Any:
         with self._lock:
             while not kept:
                 try:
-                    self._stash(self._receive(timeout))
+                    self._keep(self._receive(timeout))
                 except TimeoutError:
                     return None
             return kept.popleft()
 
     def next_job_message(self, timeout: float | None = None) -> JobMessage | None:
         """The next deploy job message (progress, then ``finished``), or None after ``timeout`` seconds."""
-        return self._next_kept(self._job_messages, timeout)
+        message: JobMessage | None = self._next_kept(self._job_messages, timeout)
+        return message
 
     def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after ``timeout`` seconds."""
-        item = self._next_kept(self._events, timeout)
-        if isinstance(item, RegistryError):
-            raise item
-        return item
+        event: Event | None = _raised(self._next_kept(self._events, timeout))
+        return event
 
 
 class TrioClient(_Actions):
@@ -555,8 +431,8 @@ class TrioClient(_Actions):
         self._settings = settings
         self._codec = ClientCodec()
         self._connection: Any = None
-        self._pending: dict[str, Any] = {}
-        self._results: dict[str, Response | ErrorMessage] = {}
+        self._replies: dict[str, Any] = {}  # request id -> trio.Event, set when the answer is in _answers
+        self._answers: dict[str, Any] = {}
         self._events_send: Any = None
         self._events_receive: Any = None
         self._jobs_send: Any = None
@@ -567,7 +443,7 @@ class TrioClient(_Actions):
     def connect_tls(
         cls, addr: str, tls_config: TlsClientConfig | None = None, *, token: str | None = None, timeout: float = 10.0
     ) -> TrioClient:
-        return cls(ConnectionSettings(registry_url(addr), tls_config or TlsClientConfig.default(), token, timeout))
+        return cls(ConnectionSettings.for_address(addr, tls_config, token=token, timeout=timeout))
 
     async def __aenter__(self) -> TrioClient:
         import trio
@@ -576,18 +452,13 @@ class TrioClient(_Actions):
         # websockets.trio's connect() is only an async context manager: it runs the connection's
         # tasks in a nursery of its own. Ours runs the reader; both are left in __aexit__.
         try:
-            self._connection = await self._stack.enter_async_context(
-                trio_connect(
-                    self._settings.url,
-                    ssl=self._settings.tls.ssl_context(),
-                    additional_headers=self._settings.headers(),
-                    open_timeout=self._settings.timeout,
-                    max_size=self._settings.max_message_size,
+            with connecting(self._settings.url):
+                self._connection = await self._stack.enter_async_context(
+                    trio_connect(self._settings.url, **connect_options(self._settings))
                 )
-            )
-        except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
+        except RegistryError:
             await self._stack.aclose()
-            raise _connect_error(self._settings.url, exc) from None
+            raise
         self._events_send, self._events_receive = trio.open_memory_channel(_EVENT_QUEUE)
         self._jobs_send, self._jobs_receive = trio.open_memory_channel(_EVENT_QUEUE)
         nursery = await self._stack.enter_async_context(trio.open_nursery())
@@ -603,16 +474,17 @@ class TrioClient(_Actions):
 
         try:
             async for frame in self._connection:
-                message = self._codec.decode(frame)
-                if isinstance(message, EventMessage):
-                    await self._events_send.send(message.event)
-                elif isinstance(message, JobMessage):
-                    await self._jobs_send.send(message)
-                elif message.id is None:
-                    await self._events_send.send(message.error)
-                elif message.id in self._pending:
-                    self._results[message.id] = message
-                    self._pending.pop(message.id).set()
+                delivery = self._codec.route(frame)
+                if delivery is None:
+                    continue
+                if delivery.route is Route.REPLY:
+                    if delivery.key in self._replies:
+                        self._answers[delivery.key] = delivery.item
+                        self._replies.pop(delivery.key).set()
+                elif delivery.route is Route.JOB:
+                    await self._jobs_send.send(delivery.item)
+                else:
+                    await self._events_send.send(delivery.item)
         except ConnectionClosed:
             pass
         except RegistryError as exc:  # the server sent something we cannot read: surfaces at next_event
@@ -621,38 +493,31 @@ class TrioClient(_Actions):
             with contextlib.suppress(trio.WouldBlock):
                 self._events_send.send_nowait(exc)
         finally:
-            for waiter in self._pending.values():
+            for waiter in self._replies.values():
                 waiter.set()
             with trio.CancelScope(shield=True):
                 await self._events_send.aclose()
                 await self._jobs_send.aclose()
 
-    async def _call(
-        self, action: str, params: Mapping[str, Any] | None = None, convert: Callable[[Any], Any] | None = None
-    ) -> Any:
+    async def _call(self, action: str, params: Mapping[str, Any] | None = None) -> Any:
         import trio
 
         request_id, frame = self._codec.encode_request(action, params)
-        done = trio.Event()
-        self._pending[request_id] = done
+        self._replies[request_id] = answered = trio.Event()
         try:
             await self._connection.send(frame)
             with trio.fail_after(self._settings.timeout):
-                await done.wait()
+                await answered.wait()
         except ConnectionClosed as exc:
-            raise ConnectionFailed(f"the connection to {self._settings.url} closed: {_describe(exc)}") from None
+            raise closed_error(self._settings.url, exc) from None
         except trio.TooSlowError:
-            raise ConnectionFailed(
-                f"{action}: no answer from {self._settings.url} in {self._settings.timeout} s"
-            ) from None
+            raise no_answer(action, self._settings) from None
         finally:
-            self._pending.pop(request_id, None)
-        message = self._results.pop(request_id, None)
-        if message is None:
+            self._replies.pop(request_id, None)
+            self._codec.forget(request_id)
+        if request_id not in self._answers:
             raise ConnectionFailed(f"the connection to {self._settings.url} closed before {action} was answered")
-        if isinstance(message, ErrorMessage):
-            raise message.error
-        return convert(message.result) if convert is not None else message.result
+        return _raised(self._answers.pop(request_id))
 
     async def subscribe(
         self,
@@ -662,7 +527,7 @@ class TrioClient(_Actions):
         filter: Mapping[str, Any] | None = None,
     ) -> str:
         result = await self._call("subscribe", self._subscribe_params(events, since_revision, filter))
-        return result["subscription"]
+        return str(result["subscription"])
 
     async def unsubscribe(self, subscription: str) -> None:
         await self._call("unsubscribe", {"subscription": subscription})
@@ -673,16 +538,16 @@ class TrioClient(_Actions):
         try:
             item = await self._events_receive.receive()
         except trio.EndOfChannel:
-            raise ConnectionFailed(f"the connection to {self._settings.url} closed") from None
-        if isinstance(item, RegistryError):
-            raise item
-        return item
+            raise closed_error(self._settings.url) from None
+        event: Event = _raised(item)
+        return event
 
     async def next_job_message(self) -> JobMessage:
         """The next deploy job message (of any job this connection watches)."""
         import trio
 
         try:
-            return await self._jobs_receive.receive()
+            message: JobMessage = await self._jobs_receive.receive()
         except trio.EndOfChannel:
-            raise ConnectionFailed(f"the connection to {self._settings.url} closed") from None
+            raise closed_error(self._settings.url) from None
+        return message

@@ -14,6 +14,7 @@ the deployment updated, are durable).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import itertools
 import logging
@@ -24,20 +25,22 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .config import DeployConfig
-from .deploy import DeployEvent, DeployResult, PackageDeployer, RemoteTarget, check_keep_releases
+from .deploy import DeployEvent, DeployResult, PackageDeployer, RemoteTarget
 from .exceptions import NotFound, RateLimited, ValidationError
 from .network import NetworkConfig
 from .package import Package
+from .protocol import DeployParams, DeployTarget, decode_params
+from .schema import convert
 
 __all__ = ["DeployJobs", "Job"]
 
 log = logging.getLogger(__name__)
 
 _EVENTS_KEPT = 2000
-_TARGET_KEYS = frozenset({"host", "ssh_user", "ssh_key", "install_base", "port", "name"})
+_KEEP_RELEASES = 5
 
 Listener = Callable[["Job", str, dict[str, Any]], None]
 
@@ -122,16 +125,22 @@ class DeployJobs:
             raise NotFound(f"no package {name!r} in {root}", details={"package": name})
         return path
 
-    def target(self, item: object) -> RemoteTarget:
-        """A node name from the networks file, or a {host, ssh_user, ssh_key, install_base, port, name} object."""
+    def target(self, item: str | DeployTarget | Mapping[str, Any], *, path: str = "params.target") -> RemoteTarget:
+        """A node name from the networks file, or a {host, ssh_user, ssh_key, install_base, port, name} object.
+
+        Raises:
+            NotFound: no node of that name.
+            ValidationError: a bad target, naming ``path.<field>``.
+        """
         defaults = self.config
         if isinstance(item, str):
             found = self.networks.find_node(item) if self.networks is not None else None
             if found is None:
-                raise NotFound(f"no node named {item!r} in the networks file", details={"node": item})
+                raise NotFound(f"no node named {item!r} in the networks file", details={"node": item, "field": path})
             _network, node = found
             variables = node.vars
-            return RemoteTarget(
+            return _remote_target(
+                path,
                 host=node.host,
                 ssh_user=node.ssh_user or defaults.ssh_user,
                 ssh_key=str(variables.get("ssh_key") or defaults.ssh_key or "") or None,
@@ -139,44 +148,39 @@ class DeployJobs:
                 port=int(variables.get("ssh_port", 22)),
                 name=node.name,
             )
-        if not isinstance(item, Mapping):
-            raise ValidationError(
-                "a target is a node name or an object with host, ssh_user, ...", field="params.target"
-            )
-        unknown = sorted(str(key) for key in item if key not in _TARGET_KEYS)
-        if unknown:
-            raise ValidationError(
-                f"target: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(_TARGET_KEYS))})",
-                field="params.target",
-            )
-        if not isinstance(item.get("host"), str):
-            raise ValidationError("target.host is required", field="params.target.host")
-        return RemoteTarget(
-            host=item["host"],
-            ssh_user=item.get("ssh_user") or defaults.ssh_user,
-            ssh_key=item.get("ssh_key") or (str(defaults.ssh_key) if defaults.ssh_key else None),
-            install_base=item.get("install_base") or defaults.install_base,
-            port=item.get("port", 22),
-            name=item.get("name"),
+        given = item if isinstance(item, DeployTarget) else convert(item, DeployTarget, path=path)
+        return _remote_target(
+            path,
+            host=given.host,
+            ssh_user=given.ssh_user or defaults.ssh_user,
+            ssh_key=given.ssh_key or (str(defaults.ssh_key) if defaults.ssh_key else None),
+            install_base=given.install_base or defaults.install_base,
+            port=given.port,
+            name=given.name,
         )
 
-    async def start(self, params: Mapping[str, Any], watcher: Listener | None = None) -> Job:
-        """Validate and start a deployment; progress goes to ``watcher`` (and later watchers)."""
+    async def start(self, params: DeployParams | Mapping[str, Any], watcher: Listener | None = None) -> Job:
+        """Validate and start a deployment; progress goes to ``watcher`` (and later watchers).
+
+        ``params`` are those of the ``deploy_package`` action, checked or as sent.
+        """
         if self.running >= self.config.max_jobs:
             raise RateLimited(f"{self.config.max_jobs} deployments are already running; try again when one ends")
-        items = list(params.get("targets") or [])
-        for single in ("node", "target"):
-            if params.get(single) is not None:
-                items.append(params[single])
+        if not isinstance(params, DeployParams):
+            params = cast(DeployParams, decode_params("deploy_package", params))
+        items: list[tuple[str, str | DeployTarget]] = [
+            (f"params.targets[{index}]", item) for index, item in enumerate(params.targets or ())
+        ]
+        if params.node is not None:
+            items.append(("params.node", params.node))
+        if params.target is not None:
+            items.append(("params.target", params.target))
         if not items:
             raise ValidationError("name where to deploy: node, target or targets", field="params.targets")
-        env = params.get("env") or {}
-        if not isinstance(env, Mapping):
-            raise ValidationError("env must be an object of NAME: value", field="params.env")
-        keep_releases = check_keep_releases(params.get("keep_releases", 5))
-        path = self.package_path(params["package"])
-        targets = [self.target(item) for item in items]
-        package, targets, env = await asyncio.to_thread(self.deployer.prepare, path, targets, env)
+        keep_releases = params.keep_releases if params.keep_releases is not None else _KEEP_RELEASES
+        path = self.package_path(params.package)
+        targets = [self.target(item, path=where) for where, item in items]
+        package, targets, env = await asyncio.to_thread(self.deployer.prepare, path, targets, params.env or {})
         job = Job(
             id=f"job-{next(self._numbers)}-{os.urandom(3).hex()}",
             package={"name": package.manifest.name, "version": package.manifest.version, "sha256": package.sha256},
@@ -196,7 +200,7 @@ class DeployJobs:
             raise NotFound(f"no job {job_id!r} (finished jobs are kept until {self.max_finished} newer ones end)")
         return job
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> builtins.list[dict[str, Any]]:
         return [job.summary() for job in self._jobs.values()]
 
     async def close(self) -> None:
@@ -210,7 +214,12 @@ class DeployJobs:
     # --- running --------------------------------------------------------------------------
 
     async def _run(
-        self, job: Job, package: Package, targets: list[RemoteTarget], env: dict[str, str], keep_releases: int
+        self,
+        job: Job,
+        package: Package,
+        targets: builtins.list[RemoteTarget],
+        env: dict[str, str],
+        keep_releases: int,
     ) -> None:
         loop = asyncio.get_running_loop()
 
@@ -245,3 +254,13 @@ class DeployJobs:
         finished = [job_id for job_id, job in self._jobs.items() if job.done]
         for job_id in finished[: max(0, len(finished) - self.max_finished)]:
             del self._jobs[job_id]
+
+
+def _remote_target(path: str, **fields: Any) -> RemoteTarget:
+    """A :class:`RemoteTarget`; its errors name the field under ``path`` (``params.targets[1].ssh_user``)."""
+    try:
+        return RemoteTarget(**fields)
+    except ValidationError as exc:
+        name = (exc.field or "").removeprefix("target").lstrip(".")
+        field = f"{path}.{name}" if name else path
+        raise ValidationError(f"{field}: {exc.message}", field=field) from None

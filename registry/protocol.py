@@ -17,12 +17,15 @@ Frames::
 
 from __future__ import annotations
 
+import enum
 import itertools
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
 
 from .auth import Role
 from .events import Event, EventType
@@ -35,20 +38,40 @@ from .exceptions import (
     SubscriptionClosed,
     SubscriptionLagged,
     UnknownAction,
+    ValidationError,
     error_from_wire,
 )
+from .model import EndpointRecord, Location, ServiceEntry, ServiceState
+from .query import ServiceQuery
+from .schema import convert
 
 __all__ = [
     "ACTIONS",
     "MAX_ID_LENGTH",
     "ActionSpec",
+    "AllocateParams",
+    "AuthenticateParams",
     "ClientCodec",
+    "DeployParams",
+    "DeployTarget",
+    "Delivery",
     "ErrorMessage",
     "EventMessage",
+    "InstanceParams",
     "JobMessage",
-    "Param",
+    "JobParams",
+    "NetworkParams",
+    "NoParams",
+    "RegisterParams",
+    "ReleaseParams",
     "Request",
+    "RequestError",
     "Response",
+    "Route",
+    "SetStateParams",
+    "SubscribeParams",
+    "UnsubscribeParams",
+    "decode_params",
     "decode_request",
     "encode_error",
     "encode_event",
@@ -58,65 +81,135 @@ __all__ = [
 
 MAX_ID_LENGTH: Final = 128
 
+# --- params: one struct per action; msgspec checks types, unknown keys and bounds -------------
 
-@dataclass(frozen=True, slots=True)
-class Param:
-    """One parameter of an action: its JSON type and whether it must be given."""
-
-    kind: type | tuple[type, ...]
-    required: bool = False
-
-    def describe(self) -> str:
-        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
-        return " or ".join(_JSON_NAMES[kind] for kind in kinds)
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+_Path = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+# Revisions and counts fit in 64 bits; a bound keeps 10**400 a bad_request instead of an OverflowError.
+_Revision = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
-_JSON_NAMES: Final = {str: "string", int: "integer", bool: "boolean", list: "array", dict: "object", float: "number"}
+class _Params(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every action's params."""
+
+
+class NoParams(_Params, frozen=True):
+    pass
+
+
+class AuthenticateParams(_Params, frozen=True):
+    token: Annotated[str, msgspec.Meta(max_length=4096)]
+
+
+class InstanceParams(_Params, frozen=True):
+    """One instance: by name, on one host (or the best one)."""
+
+    service_name: _Name
+    host_id: _Name | None = None
+
+
+class SetStateParams(_Params, frozen=True):
+    service_name: _Name
+    state: ServiceState
+    host_id: _Name | None = None
+
+
+class SubscribeParams(_Params, frozen=True):
+    events: Annotated[list[EventType], msgspec.Meta(max_length=64)] | None = None
+    since_revision: _Revision | None = None
+    filter: ServiceQuery | None = None
+
+
+class UnsubscribeParams(_Params, frozen=True):
+    subscription: _Id
+
+
+class NetworkParams(_Params, frozen=True):
+    network: _Name | None = None
+
+
+class RegisterParams(_Params, frozen=True):
+    # The entry is checked by the model (ServiceEntry.from_dict), which names the field.
+    service: dict[str, Any]
+
+
+class AllocateParams(_Params, frozen=True):
+    owner: _Name
+    network: _Name
+
+
+class ReleaseParams(_Params, frozen=True):
+    owner: _Name
+    network: _Name | None = None
+
+
+class DeployTarget(_Params, frozen=True):
+    """A host to deploy to; unset fields come from the registry's deploy configuration."""
+
+    host: _Name
+    ssh_user: Annotated[str, msgspec.Meta(max_length=255)] | None = None
+    ssh_key: _Path | None = None
+    install_base: _Path | None = None
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 22
+    name: _Name | None = None
+
+
+class DeployParams(_Params, frozen=True):
+    """Where to deploy: ``node`` (a node name), ``target`` or ``targets`` (names or targets)."""
+
+    package: _Path
+    node: _Name | None = None
+    target: DeployTarget | None = None
+    targets: Annotated[list[_Name | DeployTarget], msgspec.Meta(max_length=1000)] | None = None
+    env: dict[str, str | int | float] | None = None
+    keep_releases: Annotated[int, msgspec.Meta(ge=1, le=1000)] | None = None
+
+
+class JobParams(_Params, frozen=True):
+    job: _Id
 
 
 @dataclass(frozen=True, slots=True)
 class ActionSpec:
     role: Role | None  # None: allowed before authentication
-    params: Mapping[str, Param] = field(default_factory=dict)
+    params: type[msgspec.Struct] = NoParams
 
-
-_FILTERS: Final = {name: Param(str) for name in ("service_name", "host_id", "location", "state", "network", "tag")}
 
 ACTIONS: Final[Mapping[str, ActionSpec]] = {
     "ping": ActionSpec(None),
-    "authenticate": ActionSpec(None, {"token": Param(str, required=True)}),
-    "list_services": ActionSpec(Role.READ, _FILTERS),
-    "get_service": ActionSpec(Role.READ, {"service_name": Param(str, required=True), "host_id": Param(str)}),
-    "list_endpoints": ActionSpec(Role.READ, _FILTERS),
-    "subscribe": ActionSpec(Role.READ, {"events": Param(list), "since_revision": Param(int), "filter": Param(dict)}),
-    "unsubscribe": ActionSpec(Role.READ, {"subscription": Param(str, required=True)}),
+    "authenticate": ActionSpec(None, AuthenticateParams),
+    "list_services": ActionSpec(Role.READ, ServiceQuery),
+    "get_service": ActionSpec(Role.READ, InstanceParams),
+    "list_endpoints": ActionSpec(Role.READ, ServiceQuery),
+    "subscribe": ActionSpec(Role.READ, SubscribeParams),
+    "unsubscribe": ActionSpec(Role.READ, UnsubscribeParams),
     "list_networks": ActionSpec(Role.READ),
     "get_topology": ActionSpec(Role.READ),
-    "list_allocations": ActionSpec(Role.READ, {"network": Param(str)}),
-    "register_service": ActionSpec(Role.WRITE, {"service": Param(dict, required=True)}),
-    "remove_service": ActionSpec(Role.WRITE, {"service_name": Param(str, required=True), "host_id": Param(str)}),
-    "set_state": ActionSpec(
-        Role.WRITE,
-        {"service_name": Param(str, required=True), "state": Param(str, required=True), "host_id": Param(str)},
-    ),
-    "heartbeat": ActionSpec(Role.WRITE, {"service_name": Param(str, required=True), "host_id": Param(str)}),
-    "allocate_ip": ActionSpec(Role.WRITE, {"owner": Param(str, required=True), "network": Param(str, required=True)}),
-    "release_ip": ActionSpec(Role.WRITE, {"owner": Param(str, required=True), "network": Param(str)}),
-    "deploy_package": ActionSpec(
-        Role.ADMIN,
-        {
-            "package": Param(str, required=True),
-            "node": Param(str),
-            "target": Param(dict),
-            "targets": Param(list),
-            "env": Param(dict),
-            "keep_releases": Param(int),
-        },
-    ),
-    "watch_job": ActionSpec(Role.READ, {"job": Param(str, required=True)}),
-    "get_job": ActionSpec(Role.READ, {"job": Param(str, required=True)}),
+    "list_allocations": ActionSpec(Role.READ, NetworkParams),
+    "register_service": ActionSpec(Role.WRITE, RegisterParams),
+    "remove_service": ActionSpec(Role.WRITE, InstanceParams),
+    "set_state": ActionSpec(Role.WRITE, SetStateParams),
+    "heartbeat": ActionSpec(Role.WRITE, InstanceParams),
+    "allocate_ip": ActionSpec(Role.WRITE, AllocateParams),
+    "release_ip": ActionSpec(Role.WRITE, ReleaseParams),
+    "deploy_package": ActionSpec(Role.ADMIN, DeployParams),
+    "watch_job": ActionSpec(Role.READ, JobParams),
+    "get_job": ActionSpec(Role.READ, JobParams),
     "list_jobs": ActionSpec(Role.READ),
 }
+
+
+def decode_params(action: str, params: Mapping[str, Any]) -> Any:
+    """``params`` (as sent) as the action's struct; a null param is an absent one.
+
+    Raises:
+        ValidationError: naming ``params.<field>``; secrets (the token, env values) are never quoted.
+    """
+    given = {key: value for key, value in params.items() if value is not None}
+    env = given.get("env")
+    secret: Collection[str] = {"token", *env} if isinstance(env, Mapping) else {"token"}
+    return convert(given, ACTIONS[action].params, path="params", secret=secret)
 
 
 # --- messages -----------------------------------------------------------------------
@@ -124,9 +217,12 @@ ACTIONS: Final[Mapping[str, ActionSpec]] = {
 
 @dataclass(frozen=True, slots=True)
 class Request:
+    """A checked request: ``params`` as sent, ``args`` the same decoded into the action's struct."""
+
     id: str
     action: str
     params: Mapping[str, Any]
+    args: Any = None
 
     @property
     def spec(self) -> ActionSpec:
@@ -171,83 +267,45 @@ class RequestError(ProtocolError):
 # --- server side ----------------------------------------------------------------------
 
 
-def _loads(frame: str | bytes) -> Any:
-    try:
-        return json.loads(frame)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(f"the frame is not valid JSON: {exc}", request_id=None) from None
+class _Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: _Id
+    type: Literal["request"]
+    action: str
+    params: dict[str, Any] | None = None
 
 
 def decode_request(frame: str | bytes) -> Request:
-    """Parse and check one request frame.
+    """Parse and check one request frame, params included.
 
     Raises:
         RequestError: not JSON, not a request, bad id, bad params (code ``bad_request``).
         UnknownAction: a well-formed request for an action that does not exist; its
             ``details["id"]`` is the request id.
     """
-    message = _loads(frame)
+    try:
+        message = json.loads(frame)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise RequestError(f"the frame is not valid JSON: {exc}", request_id=None) from None
     if not isinstance(message, dict):
         raise RequestError("a request must be a JSON object", request_id=None)
     raw_id = message.get("id")
     request_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID_LENGTH else None
-    if request_id is None:
-        problem = "is missing" if raw_id is None else f"must be a string of 1-{MAX_ID_LENGTH} characters"
-        raise RequestError(f"the request id {problem}", request_id=None, field="id")
-    if message.get("type") != "request":
-        raise RequestError(f"type must be 'request', got {message.get('type')!r}", request_id=request_id, field="type")
-    unknown = set(message) - {"id", "type", "action", "params"}
-    if unknown:
-        raise RequestError(
-            f"unknown request field(s): {', '.join(sorted(unknown))}", request_id=request_id, field="request"
-        )
-    action = message.get("action")
-    if not isinstance(action, str):
-        raise RequestError("action must be a string", request_id=request_id, field="action")
-    spec = ACTIONS.get(action)
-    if spec is None:
-        error = UnknownAction(
-            f"unknown action {action!r}; actions are: {', '.join(sorted(ACTIONS))}", details={"action": action}
-        )
-        error.details["id"] = request_id
-        raise error
-    params = message.get("params", {})
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise RequestError("params must be an object", request_id=request_id, field="params")
-    _check_params(action, spec, params, request_id)
-    return Request(request_id, action, params)
-
-
-def _check_params(action: str, spec: ActionSpec, params: dict[str, Any], request_id: str) -> None:
-    unknown = set(params) - set(spec.params)
-    if unknown:
-        allowed = ", ".join(sorted(spec.params)) or "none"
-        raise RequestError(
-            f"{action}: unknown param(s) {', '.join(sorted(unknown))}; allowed: {allowed}",
-            request_id=request_id,
-            field=f"params.{sorted(unknown)[0]}",
-        )
-    for name, param in spec.params.items():
-        if name not in params or params[name] is None:
-            if param.required:
-                raise RequestError(
-                    f"{action}: param {name!r} is required", request_id=request_id, field=f"params.{name}"
-                )
-            continue
-        value = params[name]
-        # bool is an int in Python, never in our protocol.
-        if not isinstance(value, param.kind) or (isinstance(value, bool) and param.kind is not bool):
-            raise RequestError(
-                f"{action}: param {name!r} must be {param.describe()}, got {_json_type(value)} {value!r}"[:300],
-                request_id=request_id,
-                field=f"params.{name}",
+    try:
+        envelope = convert(message, _Envelope)
+        spec = ACTIONS.get(envelope.action)
+        if spec is None:
+            error = UnknownAction(
+                f"unknown action {envelope.action!r}; actions are: {', '.join(sorted(ACTIONS))}",
+                details={"action": envelope.action},
             )
-
-
-def _json_type(value: object) -> str:
-    return "null" if value is None else _JSON_NAMES.get(type(value), type(value).__name__)
+            error.details["id"] = request_id
+            raise error
+        params = envelope.params or {}
+        return Request(envelope.id, envelope.action, params, decode_params(envelope.action, params))
+    except RequestError:
+        raise
+    except ValidationError as exc:
+        raise RequestError(exc.message, request_id=request_id, field=exc.field) from None
 
 
 def _dumps(message: Mapping[str, Any]) -> str:
@@ -321,14 +379,69 @@ def encode_event(subscription: str, event: Event) -> str:
 # --- client side ------------------------------------------------------------------------
 
 
-class ClientCodec:
-    """The client half: numbers requests and turns frames into typed messages.
+class Route(enum.Enum):
+    """Where a frame from the server goes."""
 
-    Thread-safe for ``encode_request`` (ids come from an atomic counter).
+    REPLY = "reply"  # to the caller waiting for request ``key``
+    EVENTS = "events"  # to the connection's event stream (``key``: the subscription, "" if unknown)
+    JOB = "job"  # to the watchers of job ``key``
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A frame, routed: ``item`` is a result (converted for its action), an :class:`Event`, a
+    :class:`JobMessage`, or a :class:`RegistryError` for the receiver to raise."""
+
+    route: Route
+    key: str
+    item: Any
+
+
+def _entries(result: Any) -> list[ServiceEntry]:
+    return [ServiceEntry.from_dict(item) for item in result]
+
+
+def _endpoints(result: Any) -> list[EndpointRecord]:
+    return [
+        EndpointRecord(
+            item["service_name"],
+            item["host_id"],
+            item["endpoint"],
+            item["protocol"],
+            item["ip"],
+            item["port"],
+            Location(item["location"]),
+            ServiceState(item["state"]),
+        )
+        for item in result
+    ]
+
+
+# How the result of an action becomes typed; the others stay plain JSON values.
+_RESULTS: Final[Mapping[str, Callable[[Any], Any]]] = {
+    "list_services": _entries,
+    "get_service": ServiceEntry.from_dict,
+    "list_endpoints": _endpoints,
+    "register_service": ServiceEntry.from_dict,
+    "remove_service": ServiceEntry.from_dict,
+    "set_state": ServiceEntry.from_dict,
+    "heartbeat": ServiceEntry.from_dict,
+}
+
+
+class ClientCodec:
+    """The client half: numbers requests, decodes frames and decides where each one goes.
+
+    The clients only move frames and wake whoever waits: :meth:`route` says which caller
+    a response belongs to (and converts its result), which subscription an event is for,
+    which job a job message is about. It also keeps each subscription's last revision, so
+    a client can resume after a reconnect. ``encode_request`` is thread-safe.
     """
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
+        self._waiting: dict[str, str] = {}  # request id -> action
+        self._revisions: dict[str, int] = {}
 
     def encode_request(self, action: str, params: Mapping[str, Any] | None = None) -> tuple[str, str]:
         """``(request id, frame)`` for an action; unknown actions fail here, before sending."""
@@ -336,7 +449,49 @@ class ClientCodec:
             raise UnknownAction(f"unknown action {action!r}", details={"action": action})
         request_id = str(next(self._ids))
         clean = {key: value for key, value in (params or {}).items() if value is not None}
+        self._waiting[request_id] = action
         return request_id, _dumps({"id": request_id, "type": "request", "action": action, "params": clean})
+
+    def forget(self, request_id: str) -> None:
+        """Nobody waits for ``request_id`` any more (answered, timed out, cancelled)."""
+        self._waiting.pop(request_id, None)
+
+    def last_revision(self, subscription: str) -> int | None:
+        """The revision of the last event (or of the subscribe answer) of ``subscription``."""
+        return self._revisions.get(subscription)
+
+    def route(self, frame: str | bytes) -> Delivery | None:
+        """Where one frame from the server goes; None for an answer nobody waits for.
+
+        Raises:
+            ProtocolError: the frame cannot be read; the connection cannot be trusted any more.
+        """
+        message = self.decode(frame)
+        if isinstance(message, EventMessage):
+            self._revisions[message.subscription] = message.event.revision
+            return Delivery(Route.EVENTS, message.subscription, message.event)
+        if isinstance(message, JobMessage):
+            return Delivery(Route.JOB, message.job, message)
+        if message.id is None:  # about a subscription (e.g. lagged), not a request
+            subscription = message.error.details.get("subscription")
+            return Delivery(Route.EVENTS, subscription if isinstance(subscription, str) else "", message.error)
+        action = self._waiting.pop(message.id, None)
+        if action is None:
+            return None
+        if isinstance(message, ErrorMessage):
+            return Delivery(Route.REPLY, message.id, message.error)
+        return Delivery(Route.REPLY, message.id, self._result(action, message.result))
+
+    def _result(self, action: str, result: Any) -> Any:
+        try:
+            if action == "subscribe":
+                self._revisions[result["subscription"]] = result["revision"]
+            elif action == "unsubscribe":
+                self._revisions.pop(result["unsubscribed"], None)
+            convert_result = _RESULTS.get(action)
+            return convert_result(result) if convert_result is not None else result
+        except (KeyError, TypeError, ValueError) as exc:
+            return ProtocolError(f"the server sent a malformed answer to {action}: {exc}")
 
     def decode(self, frame: str | bytes) -> Response | ErrorMessage | EventMessage | JobMessage:
         """One frame from the server.
@@ -346,7 +501,7 @@ class ClientCodec:
         """
         try:
             message = json.loads(frame)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ProtocolError(f"the server sent invalid JSON: {exc}") from None
         if not isinstance(message, dict):
             raise ProtocolError("the server sent a frame that is not an object")

@@ -6,9 +6,11 @@ handshake, an ``authenticate`` request as the first message, or a client certifi
 signed by the configured client CA). ``GET /healthz`` and ``GET /metrics`` are served
 on the same port.
 
-Writes go to the registry through ``asyncio.to_thread`` (they wait for an fsync);
-reads run inline. Each connection has a bounded send queue: a client that does not
-read is dropped with a reason, and never slows the others.
+This module is the transport: handshake, sessions, send queues, authorization and
+dispatch. The actions themselves are in :mod:`registry.handlers`, the metrics in
+:mod:`registry.metrics`. Writes go to the registry through ``asyncio.to_thread`` (they
+wait for an fsync); reads run inline. Each connection has a bounded send queue: a client
+that does not read is dropped with a reason, and never slows the others.
 """
 
 from __future__ import annotations
@@ -17,14 +19,9 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -35,34 +32,14 @@ from .access import Visibility, visibility_for
 from .auth import Role, TokenRegistry
 from .config import Limits
 from .core import Registry
-from .events import Subscription
-from .exceptions import (
-    Forbidden,
-    InternalError,
-    RateLimited,
-    RegistryError,
-    ServiceNotFound,
-    SubscriptionClosed,
-    SubscriptionLagged,
-    Unauthorized,
-    UnknownAction,
-    ValidationError,
-)
-from .model import ServiceEntry, ServiceState
-from .protocol import (
-    ACTIONS,
-    Request,
-    RequestError,
-    decode_request,
-    encode_error,
-    encode_event,
-    encode_job,
-    encode_response,
-)
+from .exceptions import Forbidden, InternalError, RegistryError, Unauthorized, UnknownAction, ValidationError
+from .handlers import Handlers, Principal, Session, Then
+from .metrics import ServerMetrics
+from .protocol import ACTIONS, Request, RequestError, decode_request, encode_error, encode_response
 from .tls import TlsServerConfig, client_identity
 
 if TYPE_CHECKING:
-    from .jobs import DeployJobs, Job
+    from .jobs import DeployJobs
     from .network import NetworkManager
 
 __all__ = ["WsServer"]
@@ -73,118 +50,6 @@ _CLOSE_POLICY = 1008
 _CLOSE_TRY_AGAIN = 1013
 # Requests one connection may have in flight at once (pipelining); more wait for a slot.
 _MAX_INFLIGHT = 64
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who a connection is: a token's or certificate's name, and its role."""
-
-    name: str
-    role: Role
-    method: str  # "token", "certificate"
-
-
-@dataclass(frozen=True, slots=True)
-class _Then:
-    """A handler's result plus what to do right after the response is queued."""
-
-    result: Any
-    after: Callable[[], None]
-
-
-class _RegisterBatcher:
-    """Coalesces concurrent ``register_service`` requests into one core call and one commit.
-
-    One batch is in flight at a time; requests that arrive meanwhile form the next batch.
-    A single request alone is written at once, so nothing waits for company. A bad entry
-    fails alone (``Registry.add_or_update_each``).
-    """
-
-    MAX_BATCH = 512
-
-    def __init__(self, registry: Registry, spawn: Callable[[Coroutine[Any, Any, Any]], None]) -> None:
-        self._registry = registry
-        self._spawn = spawn
-        self._pending: list[tuple[ServiceEntry, asyncio.Future[ServiceEntry]]] = []
-        self._running = False
-
-    async def submit(self, entry: ServiceEntry) -> ServiceEntry:
-        future: asyncio.Future[ServiceEntry] = asyncio.get_running_loop().create_future()
-        self._pending.append((entry, future))
-        if not self._running:
-            self._running = True
-            self._spawn(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending[: self.MAX_BATCH], self._pending[self.MAX_BATCH :]
-                try:
-                    outcomes = await asyncio.to_thread(self._registry.add_or_update_each, [e for e, _ in batch])
-                except Exception as exc:  # the store failed: every writer in the batch hears it
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for (_, future), outcome in zip(batch, outcomes, strict=True):
-                    if future.done():  # the requester went away
-                        continue
-                    if isinstance(outcome, Exception):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
-        finally:
-            self._running = False
-
-
-@dataclass(eq=False)
-class _Session:
-    connection: ServerConnection
-    principal: Principal | None
-    visibility: Visibility
-    outbox: asyncio.Queue[str]
-    subscriptions: dict[str, tuple[Subscription, asyncio.Task[None]]] = field(default_factory=dict)
-    watched_jobs: dict[str, Callable[..., None]] = field(default_factory=dict)
-    closing: bool = False
-
-
-class _Metrics:
-    """Prometheus metrics of one server (a private registry, so tests can run many)."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.connections = Gauge("svcreg_connections", "Open WebSocket connections", registry=self.registry)
-        self.requests = Counter(
-            "svcreg_requests", "Requests by action and result", ["action", "result"], registry=self.registry
-        )
-        self.events_sent = Counter("svcreg_events_sent", "Event frames queued to subscribers", registry=self.registry)
-        self.subscribers = Gauge("svcreg_subscribers", "Open subscriptions", registry=self.registry)
-        self.commit_seconds = Histogram(
-            "svcreg_store_commit_seconds",
-            "Store commit (fsync) latency",
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
-            registry=self.registry,
-        )
-        self.registry.register(_RegistryCollector(registry))
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-class _RegistryCollector(Collector):
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
-
-    def collect(self) -> Any:
-        services = GaugeMetricFamily("svcreg_services", "Registered service instances by state", labels=["state"])
-        counts = dict.fromkeys((state.value for state in ServiceState), 0)
-        for entry in self._registry.list_services():
-            counts[entry.state.value] += 1
-        for state, count in counts.items():
-            services.add_metric([state], count)
-        yield services
-        yield GaugeMetricFamily("svcreg_revision", "The registry's current revision", value=self._registry.revision)
 
 
 class WsServer:
@@ -232,35 +97,22 @@ class WsServer:
         self.deploys = deploys
         self._topology_task: asyncio.Task[None] | None = None
         self._topology_failure: str | None = None  # the last detection failure, until one succeeds
-        self.metrics = _Metrics(registry)
+        self.metrics = ServerMetrics(registry)
         self._server: Server | None = None
-        self._sessions: set[_Session] = set()
+        self._sessions: set[Session] = set()
         self._principals: dict[ServerConnection, Principal] = {}
         self._background: set[asyncio.Future[Any]] = set()
-        self._registrations = _RegisterBatcher(registry, self._spawn)
-        self._handlers: dict[str, Callable[[_Session, Request], Awaitable[Any]]] = {
-            "ping": self._ping,
-            "authenticate": self._authenticate,
-            "list_services": self._list_services,
-            "get_service": self._get_service,
-            "list_endpoints": self._list_endpoints,
-            "subscribe": self._subscribe,
-            "unsubscribe": self._unsubscribe,
-            "list_networks": self._list_networks,
-            "get_topology": self._get_topology,
-            "list_allocations": self._list_allocations,
-            "register_service": self._register_service,
-            "remove_service": self._remove_service,
-            "set_state": self._set_state,
-            "heartbeat": self._heartbeat,
-            "allocate_ip": self._allocate_ip,
-            "release_ip": self._release_ip,
-            "deploy_package": self._deploy_package,
-            "watch_job": self._watch_job,
-            "get_job": self._get_job,
-            "list_jobs": self._list_jobs,
-        }
-        assert set(self._handlers) == set(ACTIONS), "every protocol action needs a handler"
+        self._handlers = Handlers(
+            registry,
+            tokens=tokens,
+            networks=networks,
+            deploys=deploys,
+            limits=self.limits,
+            metrics=self.metrics,
+            send=self._send,
+            spawn=self._spawn,
+            visibility=self._visibility,
+        )
         registry.store.commit_observer = self.metrics.commit_seconds.observe
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -304,7 +156,8 @@ class WsServer:
     @property
     def port(self) -> int:
         assert self._server is not None, "the server is not started"
-        return self._server.sockets[0].getsockname()[1]
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
 
     @property
     def address(self) -> str:
@@ -330,7 +183,7 @@ class WsServer:
         except TimeoutError:
             log.warning("connections did not close within %.0f s; closing anyway", timeout)
         for session in list(self._sessions):
-            self._drop_subscriptions(session)
+            self._handlers.close_session(session)
 
     async def refresh_topology(self) -> bool:
         """Detect the host's topology now and record it; True if it changed.
@@ -417,7 +270,7 @@ class WsServer:
 
     async def _handle(self, connection: ServerConnection) -> None:
         principal = self._principals.pop(connection, None)
-        session = _Session(
+        session = Session(
             connection,
             principal,
             self._visibility(connection, principal),
@@ -440,7 +293,8 @@ class WsServer:
                 await inflight.acquire()
                 task = asyncio.create_task(self._serve_frame(session, frame))
                 tasks.add(task)
-                task.add_done_callback(lambda done: (tasks.discard(done), inflight.release()))
+                task.add_done_callback(tasks.discard)
+                task.add_done_callback(lambda _: inflight.release())
         except ConnectionClosed:
             pass
         finally:
@@ -449,15 +303,14 @@ class WsServer:
             session.closing = True
             for task in tasks:
                 task.cancel()
-            self._drop_subscriptions(session)
-            self._drop_job_watches(session)
+            self._handlers.close_session(session)
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
             self._sessions.discard(session)
             self.metrics.connections.dec()
 
-    def _expire_unauthenticated(self, session: _Session) -> None:
+    def _expire_unauthenticated(self, session: Session) -> None:
         if session.principal is None and not session.closing:
             self._spawn(session.connection.close(_CLOSE_POLICY, "not authenticated in time"))
 
@@ -479,7 +332,7 @@ class WsServer:
             hosts_with_address=self.registry.hosts_at,
         )
 
-    async def _write(self, session: _Session) -> None:
+    async def _write(self, session: Session) -> None:
         try:
             while True:
                 frame = await session.outbox.get()
@@ -487,7 +340,7 @@ class WsServer:
         except ConnectionClosed:
             pass
 
-    def _send(self, session: _Session, frame: str) -> None:
+    def _send(self, session: Session, frame: str) -> None:
         """Queue a frame; a full queue means the client does not read: drop it."""
         if session.closing:
             return
@@ -500,15 +353,15 @@ class WsServer:
                 session.connection.close(_CLOSE_TRY_AGAIN, f"slow reader: {self.limits.send_queue} frames unsent")
             )
 
-    async def _serve_frame(self, session: _Session, frame: str | bytes) -> None:
+    async def _serve_frame(self, session: Session, frame: str | bytes) -> None:
         request_id: str | None = None
         action = "invalid"
         try:
             request = decode_request(frame)
             request_id, action = request.id, request.action
             self._authorize(session, request)
-            result = await self._handlers[request.action](session, request)
-            if isinstance(result, _Then):
+            result = await self._handlers.handle(session, request)
+            if isinstance(result, Then):
                 self._send(session, encode_response(request.id, result.result))
                 result.after()
             else:
@@ -526,11 +379,11 @@ class WsServer:
             log.exception("internal error serving %s for %s", action, _peer(session.connection))
             self._reply_error(session, request_id, InternalError("internal error; see the server log"), action)
 
-    def _reply_error(self, session: _Session, request_id: str | None, error: RegistryError, action: str) -> None:
+    def _reply_error(self, session: Session, request_id: str | None, error: RegistryError, action: str) -> None:
         self._send(session, encode_error(request_id, error))
         self.metrics.requests.labels(action if action in ACTIONS else "invalid", error.code).inc()
 
-    def _authorize(self, session: _Session, request: Request) -> None:
+    def _authorize(self, session: Session, request: Request) -> None:
         needed = request.spec.role
         if needed is None:
             return
@@ -545,193 +398,6 @@ class WsServer:
                 f"{session.principal.role.label}",
                 details={"needed": needed.label, "role": session.principal.role.label},
             )
-
-    # --- actions ----------------------------------------------------------------------------
-
-    async def _ping(self, session: _Session, request: Request) -> Any:
-        return {"pong": True, "revision": self.registry.revision, "time": time.time()}
-
-    async def _authenticate(self, session: _Session, request: Request) -> Any:
-        entry = self.tokens.authenticate(request.params["token"])
-        session.principal = Principal(entry.name, entry.role, "token")
-        session.visibility = self._visibility(session.connection, session.principal)
-        return {"name": entry.name, "role": entry.role.label}
-
-    def _visible(self, session: _Session, entries: list[ServiceEntry]) -> list[ServiceEntry]:
-        return session.visibility.filter(entries)
-
-    async def _list_services(self, session: _Session, request: Request) -> Any:
-        return self._visible(session, self.registry.list_services(**request.params))
-
-    async def _get_service(self, session: _Session, request: Request) -> Any:
-        name = request.params["service_name"]
-        host_id = request.params.get("host_id")
-        candidates = self._visible(session, self.registry.list_services(service_name=name, host_id=host_id))
-        if not candidates:
-            # Invisible instances are reported exactly like missing ones: no existence leak.
-            where = "" if host_id is None else f" on host {host_id!r}"
-            raise ServiceNotFound(f"service {name!r} is not registered{where}", details={"service_name": name})
-        if host_id is not None:
-            return candidates[0]
-        return min(candidates, key=lambda entry: (entry.state is not ServiceState.RUNNING, entry.location.distance))
-
-    async def _list_endpoints(self, session: _Session, request: Request) -> Any:
-        visible = {entry.key for entry in self._visible(session, self.registry.list_services(**request.params))}
-        return [
-            record
-            for record in self.registry.list_endpoints(**request.params)
-            if (record.service_name, record.host_id) in visible
-        ]
-
-    async def _subscribe(self, session: _Session, request: Request) -> Any:
-        if len(session.subscriptions) >= self.limits.max_subscriptions_per_connection:
-            raise RateLimited(
-                f"too many subscriptions on this connection (limit {self.limits.max_subscriptions_per_connection})"
-            )
-        params = request.params
-        subscription = self.registry.subscribe(
-            params.get("events"),
-            since_revision=params.get("since_revision"),
-            filter=params.get("filter"),
-            maxsize=self.limits.send_queue,
-        )
-
-        def start_forwarding() -> None:
-            task = asyncio.create_task(self._forward(session, subscription))
-            session.subscriptions[subscription.id] = (subscription, task)
-            self.metrics.subscribers.inc()
-
-        # The response must reach the client before the first event of the subscription.
-        return _Then({"subscription": subscription.id, "revision": subscription.last_revision}, start_forwarding)
-
-    async def _forward(self, session: _Session, subscription: Subscription) -> None:
-        visibility = session.visibility
-        try:
-            while not session.closing:
-                event = await subscription.next_event()
-                service = event.service
-                if service is not None and not visibility.allows(service):
-                    continue
-                self._send(session, encode_event(subscription.id, event))
-                self.metrics.events_sent.inc()
-        except SubscriptionLagged as exc:
-            exc.details["subscription"] = subscription.id
-            self._send(session, encode_error(None, exc))
-        except SubscriptionClosed:
-            pass
-        finally:
-            if session.subscriptions.pop(subscription.id, None) is not None:
-                self.metrics.subscribers.dec()
-
-    async def _unsubscribe(self, session: _Session, request: Request) -> Any:
-        subscription_id = request.params["subscription"]
-        found = session.subscriptions.pop(subscription_id, None)
-        if found is None:
-            raise SubscriptionClosed(
-                f"no subscription {subscription_id!r} on this connection", details={"subscription": subscription_id}
-            )
-        subscription, task = found
-        subscription.close()
-        task.cancel()
-        self.metrics.subscribers.dec()
-        return {"unsubscribed": subscription_id}
-
-    def _drop_subscriptions(self, session: _Session) -> None:
-        for subscription, task in list(session.subscriptions.values()):
-            subscription.close("the connection closed")
-            task.cancel()
-        if session.subscriptions:
-            self.metrics.subscribers.dec(len(session.subscriptions))
-            session.subscriptions.clear()
-
-    def _require_networks(self) -> NetworkManager:
-        if self.networks is None:
-            raise ValidationError("this registry has no networks configured (start it with a networks file)")
-        return self.networks
-
-    async def _list_networks(self, session: _Session, request: Request) -> Any:
-        if self.networks is None:
-            return []
-        return [network.to_dict() for network in self.networks.config.networks.values()]
-
-    async def _get_topology(self, session: _Session, request: Request) -> Any:
-        return {"revision": self.registry.revision, "topology": self.registry.topology()}
-
-    async def _list_allocations(self, session: _Session, request: Request) -> Any:
-        return self._require_networks().allocations(request.params.get("network"))
-
-    async def _register_service(self, session: _Session, request: Request) -> Any:
-        entry = ServiceEntry.from_dict(request.params["service"])
-        return await self._registrations.submit(entry)
-
-    async def _remove_service(self, session: _Session, request: Request) -> Any:
-        params = request.params
-        return await asyncio.to_thread(self.registry.remove, params["service_name"], params.get("host_id"))
-
-    async def _set_state(self, session: _Session, request: Request) -> Any:
-        params = request.params
-        return await asyncio.to_thread(
-            self.registry.set_state, params["service_name"], params["state"], params.get("host_id")
-        )
-
-    async def _heartbeat(self, session: _Session, request: Request) -> Any:
-        params = request.params
-        return await asyncio.to_thread(self.registry.heartbeat, params["service_name"], params.get("host_id"))
-
-    async def _allocate_ip(self, session: _Session, request: Request) -> Any:
-        manager = self._require_networks()
-        return await asyncio.to_thread(manager.allocate_ip, request.params["owner"], request.params["network"])
-
-    async def _release_ip(self, session: _Session, request: Request) -> Any:
-        manager = self._require_networks()
-        return await asyncio.to_thread(manager.release_ip, request.params["owner"], request.params.get("network"))
-
-    # --- deploy jobs -------------------------------------------------------------------------
-
-    def _require_deploys(self) -> DeployJobs:
-        if self.deploys is None:
-            raise ValidationError("this registry does not deploy packages (started without a deploy configuration)")
-        return self.deploys
-
-    def _job_listener(self, session: _Session) -> Callable[..., None]:
-        def forward(job: Job, kind: str, data: dict[str, Any]) -> None:
-            self._send(session, encode_job(job.id, kind, data))
-            if kind == "finished":
-                session.watched_jobs.pop(job.id, None)
-
-        return forward
-
-    def _watch(self, session: _Session, job: Job) -> None:
-        if job.id not in session.watched_jobs and not job.done:
-            listener = self._job_listener(session)
-            session.watched_jobs[job.id] = listener
-            job.listeners.add(listener)
-
-    def _drop_job_watches(self, session: _Session) -> None:
-        for job_id, listener in session.watched_jobs.items():
-            with contextlib.suppress(RegistryError):
-                self._require_deploys().get(job_id).listeners.discard(listener)
-        session.watched_jobs.clear()
-
-    async def _deploy_package(self, session: _Session, request: Request) -> Any:
-        deploys = self._require_deploys()
-        job = await deploys.start(request.params)
-        principal = session.principal.name if session.principal else "?"
-        log.info("deploy job %s: %s by %s", job.id, job.package, principal)
-        # The caller watches its job from the start: the response goes first, then progress.
-        return _Then(job.summary(), lambda: self._watch(session, job))
-
-    async def _watch_job(self, session: _Session, request: Request) -> Any:
-        job = self._require_deploys().get(request.params["job"])
-        summary = dict(job.summary(), events=list(job.events))
-        return _Then(summary, lambda: self._watch(session, job))
-
-    async def _get_job(self, session: _Session, request: Request) -> Any:
-        job = self._require_deploys().get(request.params["job"])
-        return dict(job.summary(), events=list(job.events))
-
-    async def _list_jobs(self, session: _Session, request: Request) -> Any:
-        return self.deploys.list() if self.deploys is not None else []
 
 
 def _split_address(addr: str | tuple[str, int]) -> tuple[str, int]:

@@ -138,9 +138,10 @@ def test_entry_round_trip() -> None:
         ({"name": "a", "role": "read", "hash": "md5:abc"}, "tokens[0].hash", "not 'sha256:' followed by 64"),
         ({"name": "a", "role": "read", "hash": "sha256:" + "A" * 64}, "tokens[0].hash", "lowercase hex"),
         ({"name": "has space", "role": "read", "hash": hash_token("t")}, "tokens[0].name", "'has space'"),
-        ({"name": "a", "role": "read"}, "tokens[0].hash", "missing hash"),
-        ({"name": "a", "role": "read", "hash": hash_token("t"), "token": "x"}, "tokens[0]", "unknown keys: token"),
-        (["a"], "tokens[0]", "must be a mapping"),
+        ({"name": "a", "role": "read"}, "tokens[0].hash", "tokens[0].hash: is required"),
+        ({"name": "a", "role": "read", "hash": hash_token("t"), "token": "x"}, "tokens[0].token", "unknown field"),
+        ({"name": "a", "role": 3, "hash": hash_token("t")}, "tokens[0].role", "must be a string, got 3"),
+        (["a"], "tokens[0]", "tokens[0]: must be an object"),
     ],
 )
 def test_entry_from_dict_names_the_field(data: object, field: str, message: str) -> None:
@@ -152,10 +153,11 @@ def test_entry_from_dict_names_the_field(data: object, field: str, message: str)
 
 def test_a_plain_token_pasted_as_hash_is_not_echoed() -> None:
     token = generate_token()
-    with pytest.raises(ConfigError) as caught:
-        TokenEntry.from_dict({"name": "oops", "role": "admin", "hash": token})
-    assert token not in str(caught.value)
-    assert token not in repr(caught.value.to_dict())
+    for pasted in (token, [token]):
+        with pytest.raises(ConfigError) as caught:
+            TokenEntry.from_dict({"name": "oops", "role": "admin", "hash": pasted})
+        assert token not in str(caught.value)
+        assert token not in repr(caught.value.to_dict())
 
 
 def test_entry_constructor_validates_too() -> None:

@@ -75,12 +75,48 @@ def test_targets_from_nodes_and_objects(setup: tuple[DeployJobs, HeldDeployer, D
     assert (explicit.host, explicit.ssh_user, explicit.host_id) == ("10.20.0.9", "ops", "box")
     with pytest.raises(NotFound, match="no node named 'web-3'"):
         jobs.target("web-3")
-    with pytest.raises(ValidationError, match=r"unknown key.*passwd"):
+    with pytest.raises(ValidationError, match=r"target\.passwd: unknown field"):
         jobs.target({"host": "10.20.0.9", "passwd": "x"})
-    with pytest.raises(ValidationError, match=r"target\.host is required"):
+    with pytest.raises(ValidationError, match=r"target\.host: is required"):
         jobs.target({"ssh_user": "x"})
     with pytest.raises(ValidationError, match="install_base"):
         jobs.target({"host": "10.20.0.9", "install_base": "relative"})
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"targets": [{"host": "h", "ssh_user": 5}]}, "params.targets[0].ssh_user"),
+        ({"targets": ["web-1", {"host": "h", "ssh_user": ["x"]}]}, "params.targets[1].ssh_user"),
+        ({"target": {"host": "h", "install_base": 5}}, "params.target.install_base"),
+        ({"target": {"host": "h", "install_base": "relative"}}, "params.target.install_base"),
+        ({"target": {"host": "h", "ssh_user": "a b"}}, "params.target.ssh_user"),
+        ({"targets": [{"host": "h", "port": True}]}, "params.targets[0].port"),
+        ({"targets": [5]}, "params.targets[0]"),
+        ({"targets": "web-1"}, "params.targets"),
+        ({"node": "web-1", "env": ["HELLO_GREETING"]}, "params.env"),
+        ({"node": "web-1", "keep_releases": 10**400}, "params.keep_releases"),
+        ({"node": "web-1", "colour": "red"}, "params.colour"),
+    ],
+)
+async def test_bad_params_name_the_field(
+    setup: tuple[DeployJobs, HeldDeployer, DeployConfig], params: dict[str, Any], field: str
+) -> None:
+    jobs, deployer, _ = setup
+    with pytest.raises(ValidationError) as caught:
+        await jobs.start({"package": "hello-1.0.0.tar.gz", **params})
+    assert caught.value.field == field and caught.value.code == "bad_request"
+    assert caught.value.message.startswith(f"{field}: ")
+    assert jobs.list() == [] and deployer.calls == []
+
+
+async def test_an_unknown_node_is_not_found_naming_the_field(
+    setup: tuple[DeployJobs, HeldDeployer, DeployConfig],
+) -> None:
+    jobs, _, _ = setup
+    with pytest.raises(NotFound, match="no node named 'x'") as caught:
+        await jobs.start({"package": "hello-1.0.0.tar.gz", "targets": ["web-1", "x"]})
+    assert caught.value.details == {"node": "x", "field": "params.targets[1]"}
 
 
 def test_packages_only_from_the_packages_folder(setup: tuple[DeployJobs, HeldDeployer, DeployConfig]) -> None:
@@ -100,7 +136,7 @@ async def test_jobs_validate_first_then_run_and_fan_out(setup: tuple[DeployJobs,
         await jobs.start({"package": "hello-1.0.0.tar.gz"})
     with pytest.raises(ValidationError, match="does not declare env variable"):
         await jobs.start({"package": "hello-1.0.0.tar.gz", "node": "web-1", "env": {"TYPO": "x"}})
-    with pytest.raises(ValidationError, match="keep_releases 0 must be"):
+    with pytest.raises(ValidationError, match=r"params\.keep_releases: must be an integer >= 1"):
         await jobs.start({"package": "hello-1.0.0.tar.gz", "node": "web-1", "keep_releases": 0})
     (config.packages_dir / "broken-1.0.0.tar.gz").write_bytes(b"not a tarball")
     with pytest.raises(PackageError, match="not a readable"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from registry import (
@@ -19,20 +20,26 @@ from registry import (
 )
 from registry.events import Event
 from registry.exceptions import ERROR_CODES, error_from_wire
+from registry.model import Location, ServiceEntry
 from registry.protocol import (
     ACTIONS,
     ClientCodec,
+    Delivery,
     ErrorMessage,
     EventMessage,
+    InstanceParams,
     JobMessage,
+    NoParams,
     RequestError,
     Response,
+    Route,
     decode_request,
     encode_error,
     encode_event,
     encode_job,
     encode_response,
 )
+from registry.query import ServiceQuery
 
 from .helpers import make_entry
 
@@ -78,33 +85,97 @@ def test_job_frames_and_malformed_ones() -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "request_id", "fragment"),
+    ("text", "request_id", "fragment", "field"),
     [
-        ("{not json", None, "not valid JSON"),
-        ("[1, 2]", None, "must be a JSON object"),
-        (json.dumps({"type": "request", "action": "ping"}), None, "id is missing"),
-        (json.dumps({"id": 7, "type": "request", "action": "ping"}), None, "must be a string"),
-        (json.dumps({"id": "x" * 129, "type": "request", "action": "ping"}), None, "1-128"),
-        (frame(type="response", action="ping"), "1", "type must be 'request'"),
-        (frame(action=5), "1", "action must be a string"),
-        (frame(action="ping", extra=1), "1", "unknown request field"),
-        (frame(action="ping", params=[1]), "1", "params must be an object"),
-        (frame(action="get_service", params={}), "1", "'service_name' is required"),
-        (frame(action="get_service", params={"service_name": 5}), "1", "must be string, got integer 5"),
-        (frame(action="subscribe", params={"since_revision": True}), "1", "must be integer, got boolean"),
-        (frame(action="subscribe", params={"since_revision": "3"}), "1", "must be integer, got string"),
-        (frame(action="ping", params={"loud": True}), "1", "unknown param(s) loud"),
-        (b"\xff\xfe", None, "not valid JSON"),
+        ("{not json", None, "not valid JSON", None),
+        ("[1, 2]", None, "must be a JSON object", None),
+        (json.dumps({"type": "request", "action": "ping"}), None, "id: is required", "id"),
+        (json.dumps({"id": 7, "type": "request", "action": "ping"}), None, "must be a string", "id"),
+        (json.dumps({"id": "x" * 129, "type": "request", "action": "ping"}), None, "length <= 128", "id"),
+        (frame(type="response", action="ping"), "1", "type: must be one of request", "type"),
+        (frame(action=5), "1", "action: must be a string", "action"),
+        (frame(action="ping", extra=1), "1", "extra: unknown field", "extra"),
+        (frame(action="ping", params=[1]), "1", "params: ", "params"),
+        (frame(action="get_service", params={}), "1", "params.service_name: is required", "params.service_name"),
+        (frame(action="get_service", params={"service_name": 5}), "1", "got 5", "params.service_name"),
+        (frame(action="subscribe", params={"since_revision": True}), "1", "got True", "params.since_revision"),
+        (frame(action="subscribe", params={"since_revision": "3"}), "1", "got '3'", "params.since_revision"),
+        (frame(action="ping", params={"loud": True}), "1", "params.loud: unknown field", "params.loud"),
+        (b"\xff\xfe", None, "not valid JSON", None),
     ],
 )
-def test_bad_frames_get_one_clear_error(text: str | bytes, request_id: str | None, fragment: str) -> None:
+def test_bad_frames_get_one_clear_error(
+    text: str | bytes, request_id: str | None, fragment: str, field: str | None
+) -> None:
     with pytest.raises(RequestError) as caught:
         decode_request(text)
     assert caught.value.request_id == request_id
     assert fragment in caught.value.message
+    assert caught.value.field == field
     assert caught.value.code == "bad_request"
     wire = json.loads(encode_error(caught.value.request_id, caught.value))
     assert wire["type"] == "error" and wire["id"] == request_id and wire["error"]["code"] == "bad_request"
+
+
+@pytest.mark.parametrize(
+    ("action", "params", "field", "fragment"),
+    [
+        ("subscribe", {"since_revision": 10**400}, "params.since_revision", "<= 9223372036854775807"),
+        ("subscribe", {"since_revision": -1}, "params.since_revision", ">= 0"),
+        ("subscribe", {"filter": {"location": "mars"}}, "params.filter.location", "must be one of local"),
+        ("subscribe", {"filter": {"colour": "red"}}, "params.filter.colour", "unknown field"),
+        ("subscribe", {"events": ["Nope"]}, "params.events[0]", "must be one of ServiceRegistered"),
+        ("list_services", {"location": "mars"}, "params.location", "got 'mars'"),
+        ("list_endpoints", {"tag": ""}, "params.tag", "length >= 1"),
+        ("set_state", {"service_name": "a", "state": "zzz"}, "params.state", "must be one of starting"),
+        ("register_service", {"service": []}, "params.service", "must be an object"),
+        ("allocate_ip", {"owner": "a"}, "params.network", "is required"),
+        (
+            "deploy_package",
+            {"package": "p", "targets": [{"host": "h", "ssh_user": 5}]},
+            "params.targets[0].ssh_user",
+            "got 5",
+        ),
+        (
+            "deploy_package",
+            {"package": "p", "targets": ["a", {"host": "h", "ssh_user": ["x"]}]},
+            "params.targets[1].ssh_user",
+            "got ['x']",
+        ),
+        (
+            "deploy_package",
+            {"package": "p", "target": {"host": "h", "install_base": 5}},
+            "params.target.install_base",
+            "got 5",
+        ),
+        ("deploy_package", {"package": "p", "target": {"host": "h", "port": 70000}}, "params.target.port", "<= 65535"),
+        ("deploy_package", {"package": "p", "targets": [5]}, "params.targets[0]", "got 5"),
+        ("deploy_package", {"package": "p", "keep_releases": 10**400}, "params.keep_releases", "<= 1000"),
+    ],
+)
+def test_params_are_checked_by_their_struct(action: str, params: dict[str, object], field: str, fragment: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        decode_request(frame(action=action, params=params))
+    assert (caught.value.request_id, caught.value.field, caught.value.code) == ("1", field, "bad_request")
+    assert caught.value.message.startswith(f"{field}: ") and fragment in caught.value.message
+
+
+def test_secrets_are_never_quoted() -> None:
+    for params in ({"token": ["svcreg_hunter2"]}, {"token": "svcreg_hunter2" * 1000}):
+        with pytest.raises(RequestError) as caught:
+            decode_request(frame(action="authenticate", params=params))
+        assert caught.value.field == "params.token" and "hunter2" not in caught.value.message
+    with pytest.raises(RequestError) as caught:
+        decode_request(frame(action="deploy_package", params={"package": "p", "env": {"DB_PASSWORD": ["hunter2"]}}))
+    assert caught.value.field == "params.env.DB_PASSWORD" and "hunter2" not in caught.value.message
+
+
+def test_null_params_are_absent_ones() -> None:
+    request = decode_request(frame(action="get_service", params={"service_name": "db", "host_id": None}))
+    assert request.args == InstanceParams("db") and request.args.host_id is None
+    assert decode_request(frame(action="ping", params=None)).args == NoParams()
+    subscribe = decode_request(frame(action="subscribe", params={"filter": {"location": "lan"}, "since_revision": 3}))
+    assert subscribe.args.filter == ServiceQuery(location=Location.LAN) and subscribe.args.since_revision == 3
 
 
 def test_unknown_action_keeps_the_request_id() -> None:
@@ -122,8 +193,7 @@ def test_client_refuses_unknown_actions_before_sending() -> None:
 def test_every_action_has_a_role_and_typed_params() -> None:
     assert {"ping", "authenticate"} == {name for name, spec in ACTIONS.items() if spec.role is None}
     for spec in ACTIONS.values():
-        for param in spec.params.values():
-            assert param.describe()
+        assert issubclass(spec.params, msgspec.Struct) and spec.params.__struct_config__.forbid_unknown_fields
 
 
 def test_errors_come_back_as_their_classes() -> None:
@@ -184,3 +254,54 @@ def test_client_rejects_garbage_from_the_server(text: str) -> None:
 
     with pytest.raises(ProtocolError):
         ClientCodec().decode(text)
+
+
+def test_the_codec_routes_answers_to_their_requests_and_types_them() -> None:
+    codec = ClientCodec()
+    get_id, _ = codec.encode_request("get_service", {"service_name": "api-server"})
+    ping_id, _ = codec.encode_request("ping")
+    entry = make_entry()
+    pong = codec.route(encode_response(ping_id, {"pong": True}))
+    assert pong == Delivery(Route.REPLY, ping_id, {"pong": True})
+    got = codec.route(encode_response(get_id, entry))
+    assert got is not None and got.route is Route.REPLY and got.key == get_id
+    assert isinstance(got.item, ServiceEntry) and got.item.key == entry.key
+    assert codec.route(encode_response(get_id, entry)) is None  # answered already: nobody waits
+    lost_id, _ = codec.encode_request("ping")
+    codec.forget(lost_id)  # the caller timed out
+    assert codec.route(encode_response(lost_id, {"pong": True})) is None
+    failed_id, _ = codec.encode_request("get_service", {"service_name": "ghost"})
+    failed = codec.route(encode_error(failed_id, ServiceNotFound("gone")))
+    assert failed is not None and failed.route is Route.REPLY and isinstance(failed.item, ServiceNotFound)
+
+
+def test_a_malformed_answer_fails_its_caller_not_the_connection() -> None:
+    codec = ClientCodec()
+    request_id, _ = codec.encode_request("list_services")
+    delivery = codec.route(encode_response(request_id, [{"service_name": 5}]))
+    assert delivery is not None and delivery.key == request_id
+    assert isinstance(delivery.item, ProtocolError) and "list_services" in delivery.item.message
+
+
+def test_the_codec_routes_events_jobs_and_stream_errors_and_keeps_revisions() -> None:
+    codec = ClientCodec()
+    request_id, _ = codec.encode_request("subscribe")
+    assert codec.route(encode_response(request_id, {"subscription": "sub-1", "revision": 7})) == Delivery(
+        Route.REPLY, request_id, {"subscription": "sub-1", "revision": 7}
+    )
+    assert codec.last_revision("sub-1") == 7
+    event = Event(EventType.SERVICE_REGISTERED, 8, {"service": make_entry().to_dict()}, 1.5)
+    assert codec.route(encode_event("sub-1", event)) == Delivery(Route.EVENTS, "sub-1", event)
+    assert codec.last_revision("sub-1") == 8
+    lagged = SubscriptionLagged("slow", last_revision=8)
+    lagged.details["subscription"] = "sub-1"
+    delivery = codec.route(encode_error(None, lagged))
+    assert delivery is not None and (delivery.route, delivery.key) == (Route.EVENTS, "sub-1")
+    assert isinstance(delivery.item, SubscriptionLagged)
+    job = codec.route(encode_job("job-1", "progress", {"kind": "ok"}))
+    assert job == Delivery(Route.JOB, "job-1", JobMessage("job-1", "progress", {"kind": "ok"}))
+    request_id, _ = codec.encode_request("unsubscribe", {"subscription": "sub-1"})
+    codec.route(encode_response(request_id, {"unsubscribed": "sub-1"}))
+    assert codec.last_revision("sub-1") is None
+    with pytest.raises(ProtocolError):
+        codec.route("{")

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -206,7 +207,7 @@ async def test_error_codes(tmp_path: Path, pki: Pki, tokens) -> None:
                 await client.get_service("ghost")
             with pytest.raises(ValidationError, match="location 'moon'") as caught:
                 await client.register_service(make_entry().to_dict() | {"location": "moon"})
-            assert caught.value.field == "location"
+            assert caught.value.field == "params.service.location"
             with pytest.raises(ValidationError, match="in the lan network 'production'"):
                 await client.register_service(make_entry(ip="192.168.1.7", location="wireguard"))
             await client.allocate_ip("a", "tiny")
@@ -254,6 +255,37 @@ async def test_a_thousand_malformed_frames_leave_the_server_healthy(running: Run
         assert json.loads(await raw.recv())["result"]["pong"] is True
     async with await running.client() as client:
         assert (await client.ping())["pong"]
+
+
+def _entry_with_port_zero() -> dict[str, object]:
+    service = make_entry().to_dict()
+    for bookkeeping in ("create_revision", "mod_revision", "updated_at"):
+        service.pop(bookkeeping, None)
+    return service | {"endpoints": [{"name": "http", "port": 0}]}
+
+
+@pytest.mark.parametrize(
+    ("action", "params", "field"),
+    [
+        ("subscribe", {"since_revision": 10**400}, "params.since_revision"),
+        ("subscribe", {"filter": {"location": "mars"}}, "params.filter.location"),
+        ("list_services", {"location": "mars"}, "params.location"),
+        ("register_service", {"service": _entry_with_port_zero()}, "params.service.endpoints"),
+        ("register_service", {"service": {"service_name": 5}}, "params.service"),
+        ("deploy_package", {"package": "p", "targets": [{"host": "h", "ssh_user": 5}]}, "params.targets[0].ssh_user"),
+        ("deploy_package", {"package": "p", "target": {"host": "h", "install_base": 5}}, "params.target.install_base"),
+    ],
+)
+async def test_bad_params_are_a_bad_request_naming_the_field(
+    running: Running, action: str, params: dict[str, object], field: str
+) -> None:
+    headers = {"Authorization": f"Bearer {running.tokens['admin']}"}
+    async with connect(running.url, ssl=running.pki.client_tls().ssl_context(), additional_headers=headers) as raw:
+        await raw.send(json.dumps({"id": "r1", "type": "request", "action": action, "params": params}))
+        answer = json.loads(await asyncio.wait_for(raw.recv(), 10))
+    assert answer["id"] == "r1" and answer["error"]["code"] == "bad_request"
+    named = answer["error"]["details"]["field"]
+    assert named.startswith(field) and answer["error"]["message"].startswith(f"{named}: ")
 
 
 async def test_pipelined_requests_are_answered_by_id(running: Running) -> None:
@@ -421,6 +453,29 @@ async def test_trio_client(running: Running) -> None:
                 return [(await client.next_event()).revision for _ in range(3)]
 
     assert await asyncio.to_thread(trio.run, scenario) == [1, 2, 3]
+
+
+async def test_every_client_flavour_fails_to_connect_the_same_way(running: Running) -> None:
+    async def trio_connect(settings: ConnectionSettings) -> None:
+        async with TrioClient(settings):
+            pass
+
+    def attempts(settings: ConnectionSettings) -> list[Any]:
+        return [
+            WsClient.connect(settings),
+            asyncio.to_thread(BlockingClient, settings),  # off the loop that runs the server
+            asyncio.to_thread(trio.run, trio_connect, settings),
+        ]
+
+    for attempt in attempts(ConnectionSettings(running.url, running.pki.client_tls(), "svcreg_wrong")):
+        with pytest.raises(Unauthorized, match="refused the connection: HTTP 401"):
+            await attempt
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nobody = f"wss://127.0.0.1:{unused.getsockname()[1]}/"
+    for attempt in attempts(ConnectionSettings(nobody, running.pki.client_tls(), timeout=2)):
+        with pytest.raises(ConnectionFailed, match=f"cannot connect to {nobody}"):
+            await attempt
 
 
 # --- topology re-detection -----------------------------------------------------------------------------

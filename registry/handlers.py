@@ -1,0 +1,387 @@
+"""The server's actions: one handler per protocol action, thin over Registry, NetworkManager
+and DeployJobs. No sockets here: a handler gets the connection's :class:`Session` and the
+request's params, already checked (:func:`registry.protocol.decode_request`), and returns
+the result; :class:`WsServer <registry.server.WsServer>` does the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+
+from .access import Visibility
+from .auth import Role, TokenRegistry
+from .config import Limits
+from .core import Registry
+from .events import Subscription
+from .exceptions import (
+    RateLimited,
+    RegistryError,
+    ServiceNotFound,
+    SubscriptionClosed,
+    SubscriptionLagged,
+    ValidationError,
+)
+from .metrics import ServerMetrics
+from .model import ServiceEntry, ServiceState
+from .protocol import (
+    ACTIONS,
+    AllocateParams,
+    AuthenticateParams,
+    DeployParams,
+    InstanceParams,
+    JobParams,
+    NetworkParams,
+    RegisterParams,
+    ReleaseParams,
+    Request,
+    SetStateParams,
+    SubscribeParams,
+    UnsubscribeParams,
+    encode_error,
+    encode_event,
+    encode_job,
+)
+from .query import ServiceQuery
+
+if TYPE_CHECKING:
+    from .jobs import DeployJobs, Job
+    from .network import NetworkManager
+
+__all__ = ["Handlers", "Principal", "RegisterBatcher", "Session", "Then"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a connection is: a token's or certificate's name, and its role."""
+
+    name: str
+    role: Role
+    method: str  # "token", "certificate"
+
+
+@dataclass(eq=False)
+class Session:
+    """One connection's state: who it is, what it may see, its send queue, its streams."""
+
+    connection: ServerConnection
+    principal: Principal | None
+    visibility: Visibility
+    outbox: asyncio.Queue[str]
+    subscriptions: dict[str, tuple[Subscription, asyncio.Task[None]]] = field(default_factory=dict)
+    watched_jobs: dict[str, Callable[..., None]] = field(default_factory=dict)
+    closing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Then:
+    """A handler's result plus what to do right after the response is queued."""
+
+    result: Any
+    after: Callable[[], None]
+
+
+class RegisterBatcher:
+    """Coalesces concurrent ``register_service`` requests into one core call and one commit.
+
+    One batch is in flight at a time; requests that arrive meanwhile form the next batch.
+    A single request alone is written at once, so nothing waits for company. A bad entry
+    fails alone (``Registry.add_or_update_each``).
+    """
+
+    MAX_BATCH = 512
+
+    def __init__(self, registry: Registry, spawn: Callable[[Coroutine[Any, Any, Any]], None]) -> None:
+        self._registry = registry
+        self._spawn = spawn
+        self._pending: list[tuple[ServiceEntry, asyncio.Future[ServiceEntry]]] = []
+        self._running = False
+
+    async def submit(self, entry: ServiceEntry) -> ServiceEntry:
+        future: asyncio.Future[ServiceEntry] = asyncio.get_running_loop().create_future()
+        self._pending.append((entry, future))
+        if not self._running:
+            self._running = True
+            self._spawn(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self.MAX_BATCH], self._pending[self.MAX_BATCH :]
+                try:
+                    outcomes = await asyncio.to_thread(self._registry.add_or_update_each, [e for e, _ in batch])
+                except Exception as exc:  # the store failed: every writer in the batch hears it
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():  # the requester went away
+                        continue
+                    if isinstance(outcome, Exception):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        finally:
+            self._running = False
+
+
+class Handlers:
+    """The actions of one server. ``send`` queues a frame on a session; ``spawn`` runs a
+    background task; ``visibility`` says what a principal on a connection may see."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        tokens: TokenRegistry,
+        networks: NetworkManager | None,
+        deploys: DeployJobs | None,
+        limits: Limits,
+        metrics: ServerMetrics,
+        send: Callable[[Session, str], None],
+        spawn: Callable[[Coroutine[Any, Any, Any]], None],
+        visibility: Callable[[ServerConnection, Principal | None], Visibility],
+    ) -> None:
+        self.registry = registry
+        self.tokens = tokens
+        self.networks = networks
+        self.deploys = deploys
+        self.limits = limits
+        self.metrics = metrics
+        self._send = send
+        self._visibility = visibility
+        self._registrations = RegisterBatcher(registry, spawn)
+        self._table: dict[str, Callable[[Session, Any], Awaitable[Any]]] = {
+            "ping": self.ping,
+            "authenticate": self.authenticate,
+            "list_services": self.list_services,
+            "get_service": self.get_service,
+            "list_endpoints": self.list_endpoints,
+            "subscribe": self.subscribe,
+            "unsubscribe": self.unsubscribe,
+            "list_networks": self.list_networks,
+            "get_topology": self.get_topology,
+            "list_allocations": self.list_allocations,
+            "register_service": self.register_service,
+            "remove_service": self.remove_service,
+            "set_state": self.set_state,
+            "heartbeat": self.heartbeat,
+            "allocate_ip": self.allocate_ip,
+            "release_ip": self.release_ip,
+            "deploy_package": self.deploy_package,
+            "watch_job": self.watch_job,
+            "get_job": self.get_job,
+            "list_jobs": self.list_jobs,
+        }
+        assert set(self._table) == set(ACTIONS), "every protocol action needs a handler"
+
+    async def handle(self, session: Session, request: Request) -> Any:
+        """The result of an authorized request (or a :class:`Then`)."""
+        return await self._table[request.action](session, request.args)
+
+    def close_session(self, session: Session) -> None:
+        """End the streams of a connection that closed."""
+        self._drop_subscriptions(session)
+        self._drop_job_watches(session)
+
+    # --- reads ------------------------------------------------------------------------------
+
+    async def ping(self, session: Session, params: Any) -> Any:
+        return {"pong": True, "revision": self.registry.revision, "time": time.time()}
+
+    async def authenticate(self, session: Session, params: AuthenticateParams) -> Any:
+        entry = self.tokens.authenticate(params.token)
+        session.principal = Principal(entry.name, entry.role, "token")
+        session.visibility = self._visibility(session.connection, session.principal)
+        return {"name": entry.name, "role": entry.role.label}
+
+    def _matching(self, session: Session, query: ServiceQuery) -> list[ServiceEntry]:
+        return session.visibility.filter(self.registry.list_services(**query.to_dict()))
+
+    async def list_services(self, session: Session, params: ServiceQuery) -> Any:
+        return self._matching(session, params)
+
+    async def get_service(self, session: Session, params: InstanceParams) -> Any:
+        name, host_id = params.service_name, params.host_id
+        candidates = self._matching(session, ServiceQuery(service_name=name, host_id=host_id))
+        if not candidates:
+            # Invisible instances are reported exactly like missing ones: no existence leak.
+            where = "" if host_id is None else f" on host {host_id!r}"
+            raise ServiceNotFound(f"service {name!r} is not registered{where}", details={"service_name": name})
+        if host_id is not None:
+            return candidates[0]
+        return min(candidates, key=lambda entry: (entry.state is not ServiceState.RUNNING, entry.location.distance))
+
+    async def list_endpoints(self, session: Session, params: ServiceQuery) -> Any:
+        visible = {entry.key for entry in self._matching(session, params)}
+        return [
+            record
+            for record in self.registry.list_endpoints(**params.to_dict())
+            if (record.service_name, record.host_id) in visible
+        ]
+
+    async def list_networks(self, session: Session, params: Any) -> Any:
+        if self.networks is None:
+            return []
+        return [network.to_dict() for network in self.networks.config.networks.values()]
+
+    async def get_topology(self, session: Session, params: Any) -> Any:
+        return {"revision": self.registry.revision, "topology": self.registry.topology()}
+
+    async def list_allocations(self, session: Session, params: NetworkParams) -> Any:
+        return self._require_networks().allocations(params.network)
+
+    # --- subscriptions ----------------------------------------------------------------------
+
+    async def subscribe(self, session: Session, params: SubscribeParams) -> Any:
+        if len(session.subscriptions) >= self.limits.max_subscriptions_per_connection:
+            raise RateLimited(
+                f"too many subscriptions on this connection (limit {self.limits.max_subscriptions_per_connection})"
+            )
+        subscription = self.registry.subscribe(
+            params.events,
+            since_revision=params.since_revision,
+            filter=params.filter.to_dict() if params.filter is not None else None,
+            maxsize=self.limits.send_queue,
+        )
+
+        def start_forwarding() -> None:
+            task = asyncio.create_task(self._forward(session, subscription))
+            session.subscriptions[subscription.id] = (subscription, task)
+            self.metrics.subscribers.inc()
+
+        # The response must reach the client before the first event of the subscription.
+        return Then({"subscription": subscription.id, "revision": subscription.last_revision}, start_forwarding)
+
+    async def _forward(self, session: Session, subscription: Subscription) -> None:
+        visibility = session.visibility
+        try:
+            while not session.closing:
+                event = await subscription.next_event()
+                service = event.service
+                if service is not None and not visibility.allows(service):
+                    continue
+                self._send(session, encode_event(subscription.id, event))
+                self.metrics.events_sent.inc()
+        except SubscriptionLagged as exc:
+            exc.details["subscription"] = subscription.id
+            self._send(session, encode_error(None, exc))
+        except SubscriptionClosed:
+            pass
+        finally:
+            if session.subscriptions.pop(subscription.id, None) is not None:
+                self.metrics.subscribers.dec()
+
+    async def unsubscribe(self, session: Session, params: UnsubscribeParams) -> Any:
+        subscription_id = params.subscription
+        found = session.subscriptions.pop(subscription_id, None)
+        if found is None:
+            raise SubscriptionClosed(
+                f"no subscription {subscription_id!r} on this connection", details={"subscription": subscription_id}
+            )
+        subscription, task = found
+        subscription.close()
+        task.cancel()
+        self.metrics.subscribers.dec()
+        return {"unsubscribed": subscription_id}
+
+    def _drop_subscriptions(self, session: Session) -> None:
+        for subscription, task in list(session.subscriptions.values()):
+            subscription.close("the connection closed")
+            task.cancel()
+        if session.subscriptions:
+            self.metrics.subscribers.dec(len(session.subscriptions))
+            session.subscriptions.clear()
+
+    # --- writes -----------------------------------------------------------------------------
+
+    def _require_networks(self) -> NetworkManager:
+        if self.networks is None:
+            raise ValidationError("this registry has no networks configured (start it with a networks file)")
+        return self.networks
+
+    async def register_service(self, session: Session, params: RegisterParams) -> Any:
+        try:
+            entry = ServiceEntry.from_dict(params.service)
+        except ValidationError as exc:
+            raise _within("params.service", exc) from None
+        return await self._registrations.submit(entry)
+
+    async def remove_service(self, session: Session, params: InstanceParams) -> Any:
+        return await asyncio.to_thread(self.registry.remove, params.service_name, params.host_id)
+
+    async def set_state(self, session: Session, params: SetStateParams) -> Any:
+        return await asyncio.to_thread(self.registry.set_state, params.service_name, params.state, params.host_id)
+
+    async def heartbeat(self, session: Session, params: InstanceParams) -> Any:
+        return await asyncio.to_thread(self.registry.heartbeat, params.service_name, params.host_id)
+
+    async def allocate_ip(self, session: Session, params: AllocateParams) -> Any:
+        manager = self._require_networks()
+        return await asyncio.to_thread(manager.allocate_ip, params.owner, params.network)
+
+    async def release_ip(self, session: Session, params: ReleaseParams) -> Any:
+        manager = self._require_networks()
+        return await asyncio.to_thread(manager.release_ip, params.owner, params.network)
+
+    # --- deploy jobs ------------------------------------------------------------------------
+
+    def _require_deploys(self) -> DeployJobs:
+        if self.deploys is None:
+            raise ValidationError("this registry does not deploy packages (started without a deploy configuration)")
+        return self.deploys
+
+    def _watch(self, session: Session, job: Job) -> None:
+        if job.id in session.watched_jobs or job.done:
+            return
+
+        def forward(job: Job, kind: str, data: dict[str, Any]) -> None:
+            self._send(session, encode_job(job.id, kind, data))
+            if kind == "finished":
+                session.watched_jobs.pop(job.id, None)
+
+        session.watched_jobs[job.id] = forward
+        job.listeners.add(forward)
+
+    def _drop_job_watches(self, session: Session) -> None:
+        for job_id, listener in session.watched_jobs.items():
+            with contextlib.suppress(RegistryError):
+                self._require_deploys().get(job_id).listeners.discard(listener)
+        session.watched_jobs.clear()
+
+    async def deploy_package(self, session: Session, params: DeployParams) -> Any:
+        job = await self._require_deploys().start(params)
+        principal = session.principal.name if session.principal else "?"
+        log.info("deploy job %s: %s by %s", job.id, job.package, principal)
+        # The caller watches its job from the start: the response goes first, then progress.
+        return Then(job.summary(), lambda: self._watch(session, job))
+
+    async def watch_job(self, session: Session, params: JobParams) -> Any:
+        job = self._require_deploys().get(params.job)
+        return Then(dict(job.summary(), events=list(job.events)), lambda: self._watch(session, job))
+
+    async def get_job(self, session: Session, params: JobParams) -> Any:
+        job = self._require_deploys().get(params.job)
+        return dict(job.summary(), events=list(job.events))
+
+    async def list_jobs(self, session: Session, params: Any) -> Any:
+        return self.deploys.list() if self.deploys is not None else []
+
+
+def _within(path: str, error: ValidationError) -> ValidationError:
+    """``error`` about a field of the document at ``path``: its field and message say where."""
+    field = f"{path}.{error.field}" if error.field else path
+    message = error.message.removeprefix(f"{error.field}: ") if error.field else error.message
+    details = {key: value for key, value in error.details.items() if key != "field"}
+    return ValidationError(f"{field}: {message}", field=field, details=details)
