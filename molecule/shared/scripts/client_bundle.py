@@ -36,6 +36,7 @@ from pathlib import Path
 MODULES = (
     "registry",
     "websockets",
+    "msgspec",
     "yaml",
     "_yaml",
     "netaddr",
