@@ -31,6 +31,7 @@ from .events import EventType, parse_event_types
 from .exceptions import ConnectionFailed, Forbidden, NotFound, RegistryError, Unauthorized, ValidationError
 from .model import Endpoint, Location, NetworkInfo, ServiceEntry
 from .package import build_package, inspect_package
+from .query import QUERY_FIELDS
 from .setup import add_token, client_environment, init_directory, read_env_file
 from .tls import TlsClientConfig
 
@@ -77,8 +78,7 @@ def _connection(options: argparse.Namespace) -> ConnectionSettings:
 
 def _filters(options: argparse.Namespace) -> dict[str, Any]:
     """The options :func:`_add_filter_options` declares that were given."""
-    names = ("service_name", "host_id", "location", "state", "network", "tag")
-    return {name: getattr(options, name) for name in names if getattr(options, name) is not None}
+    return {name: getattr(options, name) for name in QUERY_FIELDS if getattr(options, name) is not None}
 
 
 def _config_path(path: str | None) -> Path:
