@@ -41,14 +41,34 @@ class ServiceQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
             return value
         return convert(value, cls, path=path)
 
-    def matches(self, entry: ServiceEntry) -> bool:
+    def matches(self, entry: ServiceEntry | Mapping[str, Any]) -> bool:
+        """Whether an entry, or its wire form (an event's ``data["service"]``), is selected."""
+        if isinstance(entry, ServiceEntry):
+            name, host, location, state, tags = (
+                entry.service_name,
+                entry.host_id,
+                entry.location,
+                entry.state,
+                entry.tags,
+            )
+            network = entry.network_info.network
+        else:
+            name, host, location, state, tags = (
+                entry["service_name"],
+                entry["host_id"],
+                entry["location"],
+                entry["state"],
+                entry["tags"],
+            )
+            network = entry["network_info"].get("network")
+        # Location and ServiceState are StrEnums: a member equals its wire string.
         return (
-            (self.service_name is None or entry.service_name == self.service_name)
-            and (self.host_id is None or entry.host_id == self.host_id)
-            and (self.location is None or entry.location is self.location)
-            and (self.state is None or entry.state is self.state)
-            and (self.network is None or entry.network_info.network == self.network)
-            and (self.tag is None or self.tag in entry.tags)
+            (self.service_name is None or name == self.service_name)
+            and (self.host_id is None or host == self.host_id)
+            and (self.location is None or location == self.location)
+            and (self.state is None or state == self.state)
+            and (self.network is None or network == self.network)
+            and (self.tag is None or self.tag in tags)
         )
 
     @property
