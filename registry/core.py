@@ -233,20 +233,7 @@ class Registry:
         self, query: ServiceQuery | Mapping[str, Any] | None = None, **filters: Any
     ) -> list[EndpointRecord]:
         """Every endpoint of every instance matching the query (as for list_services)."""
-        return [
-            EndpointRecord(
-                entry.service_name,
-                entry.host_id,
-                endpoint.name,
-                endpoint.protocol,
-                entry.network_info.ip,
-                endpoint.port,
-                entry.location,
-                entry.state,
-            )
-            for entry in self.list_services(query, **filters)
-            for endpoint in entry.endpoints
-        ]
+        return [record for entry in self.list_services(query, **filters) for record in EndpointRecord.of(entry)]
 
     def topology(self) -> Mapping[str, Any] | None:
         """The last topology recorded with :meth:`update_topology`."""
@@ -268,10 +255,7 @@ class Registry:
         Every entry is validated before any is written: one bad entry fails the call
         and changes nothing. Each change still gets its own revision and event.
         """
-        placed = [
-            self._place(item if isinstance(item, ServiceEntry) else ServiceEntry.from_dict(item)) for item in entries
-        ]
-        return self._apply(placed)
+        return self._apply([self._place(item) for item in entries])
 
     def add_or_update_each(
         self, entries: Iterable[ServiceEntry | Mapping[str, Any]]
@@ -286,7 +270,7 @@ class Registry:
         placed: list[ServiceEntry] = []
         for item in entries:
             try:
-                entry = self._place(item if isinstance(item, ServiceEntry) else ServiceEntry.from_dict(item))
+                entry = self._place(item)
             except ValidationError as exc:
                 outcomes.append(exc)
             else:
@@ -397,7 +381,9 @@ class Registry:
             if self._closed:
                 return events
             for kind, key in self._timers.pop_due(now):
-                entry = self._services[key]
+                entry = self._services.get(key)
+                if entry is None:
+                    continue
                 if kind is Deadline.TTL:
                     _, event = self._change_state(entry, ServiceState.FAILED, reason="ttl_expired", now=now)
                     self._ttl_failed.add(key)
@@ -496,8 +482,9 @@ class Registry:
             )
         return entry
 
-    def _place(self, entry: ServiceEntry) -> ServiceEntry:
-        """Check the entry's address against the configured networks; fill in the network."""
+    def _place(self, item: ServiceEntry | Mapping[str, Any]) -> ServiceEntry:
+        """The entry, its address checked against the configured networks and its network filled in."""
+        entry = item if isinstance(item, ServiceEntry) else ServiceEntry.from_dict(item)
         if self._networks is None:
             return entry
         info = entry.network_info

@@ -31,7 +31,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, NoReturn, cast
+from typing import Annotated, Any, Final, Literal, NoReturn, TypedDict, cast
 
 import msgspec
 from msgspec.structs import force_setattr
@@ -353,9 +353,9 @@ class ServiceEntry(msgspec.Struct, metaclass=_Converted, frozen=True, forbid_unk
         The registry stamps every write; re-running every check for three numbers it
         computed itself would be most of the cost of a write.
         """
-        revisions = convert((create_revision, mod_revision, updated_at), cast("type[_Bookkeeping]", _Bookkeeping))
+        given = {"create_revision": create_revision, "mod_revision": mod_revision, "updated_at": updated_at}
         stamped = copy.copy(self)  # a shallow copy does not run __post_init__
-        for name, value in zip(_BOOKKEEPING_ORDER, revisions, strict=True):
+        for name, value in convert(given, _BOOKKEEPING).items():
             force_setattr(stamped, name, value)
         return stamped
 
@@ -403,10 +403,18 @@ BOOKKEEPING_FIELDS: Final = frozenset({"create_revision", "mod_revision", "updat
 """Set by the registry on every write; a caller's values are ignored."""
 CONTENT_FIELDS: Final = tuple(name for name in ServiceEntry.__struct_fields__ if name not in BOOKKEEPING_FIELDS)
 """What a caller says about an instance: an update that changes none of these is a heartbeat."""
-_BOOKKEEPING_ORDER: Final = ("create_revision", "mod_revision", "updated_at")
-_Bookkeeping = tuple[_Revision, _Revision, float]
-# Fields where null on the wire means "the default" (the others take null as a value).
-_DEFAULTED: Final = ("state", "endpoints", "tags", "metadata", "create_revision", "mod_revision")
+# The bookkeeping fields with their annotations, to check what stamped() is given.
+_BOOKKEEPING: Final = cast(
+    "type[dict[str, Any]]",
+    TypedDict(  # type: ignore[operator]
+        "_Bookkeeping",
+        {info.name: info.type for info in msgspec.structs.fields(ServiceEntry) if info.name in BOOKKEEPING_FIELDS},
+    ),
+)
+# Fields where null on the wire means "the default": those whose default is not null.
+_DEFAULTED: Final = tuple(
+    info.name for info in msgspec.structs.fields(ServiceEntry) if info.default not in (msgspec.NODEFAULT, None)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +429,23 @@ class EndpointRecord:
     port: int
     location: Location
     state: ServiceState
+
+    @classmethod
+    def of(cls, entry: ServiceEntry) -> list[EndpointRecord]:
+        """One record per endpoint of ``entry``."""
+        return [
+            cls(
+                entry.service_name,
+                entry.host_id,
+                endpoint.name,
+                endpoint.protocol,
+                entry.network_info.ip,
+                endpoint.port,
+                entry.location,
+                entry.state,
+            )
+            for endpoint in entry.endpoints
+        ]
 
     @property
     def address(self) -> str:
