@@ -143,18 +143,15 @@ def validate_network_name(value: object, field_name: str = "network") -> str:
 def validate_ip(value: object, field_name: str = "ip") -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """Parse an IP address; unspecified (0.0.0.0, ::) and multicast addresses are refused."""
     text = value if type(value) is str else convert(value, str, path=field_name)
-    facts = _parse_ip(text)
-    if isinstance(facts, str):
-        raise ValidationError(f"{field_name} {_ip_problem(text, facts)}", field=field_name)
-    return ipaddress.ip_address(facts[0])
-
-
-_LOOPBACK_V6 = bytes(15) + b"\x01"
+    canonical, problem = _canonical_ip(text)
+    if problem is not None:
+        raise ValidationError(f"{field_name} {problem}", field=field_name)
+    return ipaddress.ip_address(canonical)
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse_ip(text: str) -> tuple[str, bool] | str:
-    """(canonical text, is loopback), or the reason the text is not a usable address.
+def _canonical_ip(text: str) -> tuple[str, str | None]:
+    """``(canonical text, None)``, or ``(text, why it cannot be a service address)``.
 
     ``inet_pton`` is strict (no leading zeros, no short forms, no zone ids) and ~20x
     faster than ``ipaddress``; this runs for every entry loaded from the store.
@@ -165,18 +162,11 @@ def _parse_ip(text: str) -> tuple[str, bool] | str:
         except (OSError, ValueError):
             continue
         if not any(packed):
-            return "unspecified"
+            return text, f"{shown(text)} cannot be a service address (unspecified)"
         if packed[0] == 0xFF or (family == socket.AF_INET and 224 <= packed[0] <= 239):
-            return "multicast"
-        loopback = packed[0] == 127 if family == socket.AF_INET else packed == _LOOPBACK_V6
-        return socket.inet_ntop(family, packed), loopback
-    return "invalid"
-
-
-def _ip_problem(text: str, reason: str) -> str:
-    if reason == "invalid":
-        return f"{shown(text)} is not a valid IP address"
-    return f"{shown(text)} cannot be a service address ({reason})"
+            return text, f"{shown(text)} cannot be a service address (multicast)"
+        return socket.inet_ntop(family, packed), None
+    return text, f"{shown(text)} is not a valid IP address"
 
 
 class _FrozenDict(dict[str, str]):
@@ -251,12 +241,12 @@ class NetworkInfo(msgspec.Struct, metaclass=_Converted, frozen=True, forbid_unkn
     network: str | None = None
 
     def __post_init__(self) -> None:
-        facts = _parse_ip(self.ip)
-        if isinstance(facts, str):
-            raise FieldError("ip", _ip_problem(self.ip, facts))
+        canonical, problem = _canonical_ip(self.ip)
+        if problem is not None:
+            raise FieldError("ip", problem)
         # Normalise the address ("::0001" -> "::1") so equality and lookups are exact.
-        if facts[0] != self.ip:
-            force_setattr(self, "ip", facts[0])
+        if canonical != self.ip:
+            force_setattr(self, "ip", canonical)
         hostname = self.hostname
         if hostname is not None and (
             len(hostname) > 253 or not all(map(_HOSTNAME_LABEL.fullmatch, hostname.rstrip(".").split(".")))
@@ -271,8 +261,8 @@ class NetworkInfo(msgspec.Struct, metaclass=_Converted, frozen=True, forbid_unkn
 
     @property
     def is_loopback(self) -> bool:
-        facts = _parse_ip(self.ip)
-        return isinstance(facts, tuple) and facts[1]
+        # ip is canonical (see __post_init__): 127.0.0.0/8 is "127.*", ::1 has one spelling.
+        return self.ip.startswith("127.") or self.ip == "::1"
 
     def to_dict(self) -> dict[str, Any]:
         return {"ip": self.ip, "hostname": self.hostname, "network": self.network}
