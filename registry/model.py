@@ -183,6 +183,15 @@ class _FrozenDict(dict[str, str]):
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(frozenset(self.items()))
 
+    def __reduce__(self) -> tuple[type[_FrozenDict], tuple[dict[str, str]]]:
+        return (type(self), (dict(self),))
+
+    def __copy__(self) -> _FrozenDict:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _FrozenDict:
+        return self  # immutable, and its values are strings
+
 
 _EMPTY_METADATA: Final = _FrozenDict()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import msgspec
@@ -123,6 +124,9 @@ def test_entries_are_immutable() -> None:
         entry.state = ServiceState.FAILED  # type: ignore[misc]
     with pytest.raises(TypeError):
         entry.metadata["x"] = "y"  # type: ignore[index]
+    with pytest.raises(TypeError):
+        entry.metadata.update(x="y")  # type: ignore[attr-defined]
+    assert copy.deepcopy(entry) == entry
 
 
 def test_duplicate_tags_are_folded_in_order() -> None:
