@@ -42,6 +42,8 @@ from .schema import decode_json
 
 __all__ = ["SCHEMA_VERSION", "TABLES", "MemoryStore", "SqliteStore", "Store"]
 
+T = TypeVar("T")
+
 TABLES: Final = ("services", "allocations", "events", "meta")
 SCHEMA_VERSION: Final = 1
 _FORMAT_KEY: Final = "format"
@@ -173,7 +175,6 @@ class MemoryStore(Store):
 
 # One encoder for every write: json.dumps builds a new JSONEncoder per call (~30% of its cost here).
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-T = TypeVar("T")
 
 
 def _decode_rows(rows: list[tuple[str, str]], as_type: type[T] | None, where: str) -> list[tuple[str, Any]]:
