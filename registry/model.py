@@ -43,6 +43,7 @@ __all__ = [
     "BOOKKEEPING_FIELDS",
     "CONTENT_FIELDS",
     "SERVICE_FIELDS",
+    "ConvertingMeta",
     "Endpoint",
     "EndpointRecord",
     "InstanceKey",
@@ -199,7 +200,7 @@ _EMPTY_METADATA: Final = _FrozenDict()
 # --- direct construction ---------------------------------------------------------------
 
 
-class _Converted(msgspec.StructMeta):
+class ConvertingMeta(msgspec.StructMeta):
     """Calling the class converts its arguments the way decoding does.
 
     msgspec checks annotations only when decoding; ``Struct(...)`` would take a str for an
@@ -223,7 +224,7 @@ class _Converted(msgspec.StructMeta):
 # --- the structs ------------------------------------------------------------------------
 
 
-class Endpoint(msgspec.Struct, metaclass=_Converted, frozen=True, forbid_unknown_fields=True):
+class Endpoint(msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid_unknown_fields=True):
     """A named port a service listens on."""
 
     name: str
@@ -242,7 +243,7 @@ class Endpoint(msgspec.Struct, metaclass=_Converted, frozen=True, forbid_unknown
         return convert(data, cls, path=path)
 
 
-class NetworkInfo(msgspec.Struct, metaclass=_Converted, frozen=True, forbid_unknown_fields=True):
+class NetworkInfo(msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid_unknown_fields=True):
     """Where an instance can be reached: its IP, optional hostname and network name."""
 
     ip: str
@@ -281,7 +282,7 @@ class NetworkInfo(msgspec.Struct, metaclass=_Converted, frozen=True, forbid_unkn
         return convert(data, cls, path=path)
 
 
-class ServiceEntry(msgspec.Struct, metaclass=_Converted, frozen=True, forbid_unknown_fields=True):
+class ServiceEntry(msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid_unknown_fields=True):
     """One instance of a service on one host.
 
     ``create_revision``/``mod_revision`` and ``updated_at`` are set by the registry;

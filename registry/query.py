@@ -10,7 +10,7 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
-from .model import Location, ServiceEntry, ServiceState
+from .model import ConvertingMeta, Location, ServiceEntry, ServiceState
 from .schema import convert
 
 __all__ = ["QUERY_FIELDS", "ServiceQuery"]
@@ -18,7 +18,9 @@ __all__ = ["QUERY_FIELDS", "ServiceQuery"]
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
 
 
-class ServiceQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+class ServiceQuery(
+    msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid_unknown_fields=True, omit_defaults=True
+):
     """Which instances to select; every given field must match (all of them: AND)."""
 
     service_name: _Name | None = None

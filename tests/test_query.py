@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from registry import Registry, ServiceState
+from registry import Location, Registry, ServiceState
 from registry.exceptions import ValidationError
 from registry.query import QUERY_FIELDS, ServiceQuery
 
@@ -76,3 +76,9 @@ def test_every_filter_refuses_a_bad_value_with_the_same_message() -> None:
             assert caught.value.field == "filter.location"
             messages.add(caught.value.message)
     assert messages == {"filter.location: must be one of local, lan, wireguard, got 'mars'"}
+
+
+def test_a_query_built_in_python_is_checked_too() -> None:
+    assert ServiceQuery(location="lan").location is Location.LAN  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=r"^location: must be one of local, lan, wireguard, got 'mars'$"):
+        ServiceQuery(location="mars")  # type: ignore[arg-type]
