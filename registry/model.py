@@ -113,8 +113,12 @@ _NETWORK_NAME_RULE: Final = "1-63 letters, digits, '-', '_', '.'"
 _ENDPOINT_NAME_RULE: Final = "1-63 lowercase letters, digits, '-' and '_'"
 
 
+def _invalid(text: str, rule: str) -> str:
+    return f"{shown(text)} is invalid: use {rule}, starting and ending with a letter or digit"
+
+
 def _broken(field: str, text: str, rule: str) -> NoReturn:
-    raise FieldError(field, f"{shown(text)} is invalid: use {rule}, starting and ending with a letter or digit")
+    raise FieldError(field, _invalid(text, rule))
 
 
 def _validate_pattern(value: object, field_name: str, pattern: re.Pattern[str], rule: str) -> str:
@@ -122,10 +126,7 @@ def _validate_pattern(value: object, field_name: str, pattern: re.Pattern[str], 
     message reads ``network name 'x y' is invalid: ...``."""
     text = value if type(value) is str else convert(value, str, path=field_name)
     if not pattern.fullmatch(text):
-        raise ValidationError(
-            f"{field_name} {shown(text)} is invalid: use {rule}, starting and ending with a letter or digit",
-            field=field_name,
-        )
+        raise ValidationError(f"{field_name} {_invalid(text, rule)}", field=field_name)
     return text
 
 
