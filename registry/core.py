@@ -28,55 +28,45 @@ changed in the same update.
 from __future__ import annotations
 
 import gc
-import heapq
-import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .events import Event, EventFilter, EventType, Subscription, parse_event_types
-from .exceptions import Compacted, ServiceNotFound, StoreError, ValidationError
+from .eventlog import DEFAULT_EVENT_RETENTION, DEFAULT_SUBSCRIPTION_QUEUE, EventLog
+from .events import Event, EventType, Subscription
+from .exceptions import ServiceNotFound, StoreError, ValidationError
 from .model import (
     CONTENT_FIELDS,
     EndpointRecord,
     InstanceKey,
-    Location,
     NetworkInfo,
     ServiceEntry,
     ServiceState,
-    entry_from_record,
     validate_host_id,
     validate_service_name,
 )
+from .query import ServiceQuery
+from .schema import convert
 from .store import MemoryStore, SqliteStore, Store
+from .timers import Deadline, Reaper, Timers
 
 if TYPE_CHECKING:
     import os
 
-    from .network import NetworkConfig
+    from .network import Network, NetworkConfig
 
 __all__ = ["DEFAULT_EVENT_RETENTION", "EndpointRecord", "Registry"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EVENT_RETENTION: Final = 10_000
-DEFAULT_SUBSCRIPTION_QUEUE: Final = 1_000
-
-_LIVE_STATES: Final = frozenset({ServiceState.RUNNING, ServiceState.STARTING})
-_TTL: Final = "ttl"
-_DEREGISTER: Final = "deregister"
+_K = TypeVar("_K", str, InstanceKey)
 
 
 def _service_key(key: InstanceKey) -> str:
     return f"{key[0]}/{key[1]}"
-
-
-def _event_key(revision: int) -> str:
-    return f"{revision:020d}"
 
 
 def _content(entry: ServiceEntry) -> tuple[Any, ...]:
@@ -109,11 +99,9 @@ class Registry:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        if isinstance(event_retention, bool) or not isinstance(event_retention, int) or event_retention < 1:
-            raise ValidationError(f"event_retention must be a positive integer, got {event_retention!r}")
         self._store = store if store is not None else MemoryStore()
+        self._events = EventLog(self._store, retention=event_retention, wall_clock=wall_clock)
         self._networks = networks
-        self._retention = event_retention
         self._clock = clock
         self._wall_clock = wall_clock
 
@@ -122,25 +110,11 @@ class Registry:
         self._by_name: dict[str, dict[str, ServiceEntry]] = {}
         self._by_host: dict[str, dict[str, ServiceEntry]] = {}
         self._hosts_by_ip: dict[str, dict[InstanceKey, str]] = {}
-        self._revision = 0
-        self._trimmed_below = 0
         self._topology: Mapping[str, Any] | None = None
 
-        # Events move: _pending (written, not yet durable) -> _retained (published).
-        self._pending: deque[Event] = deque()
-        self._retained: deque[Event] = deque(maxlen=event_retention)
-        self._published = 0
-        self._dispatch_lock = threading.RLock()
-        self._subscribers: dict[str, Subscription] = {}
-        self._subscriber_snapshot: tuple[Subscription, ...] = ()
-
-        self._timers: list[tuple[float, int, str, InstanceKey]] = []
-        self._timer_seq = itertools.count()
-        self._ttl_deadline: dict[InstanceKey, float] = {}
-        self._deregister_deadline: dict[InstanceKey, float] = {}
+        self._timers = Timers()
         self._ttl_failed: set[InstanceKey] = set()
-        self._reaper: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._reaper: Reaper | None = None
         self._closed = False
 
         self._load()
@@ -160,43 +134,32 @@ class Registry:
         return cls(store=SqliteStore(path, create=False, synchronous=synchronous), **options)
 
     def _load(self) -> None:
+        now = self._clock()
+        revision = 0
         # Loading builds hundreds of thousands of long-lived objects: the cyclic GC would
         # rescan them over and over (a third of the load time) and can find no garbage.
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            self._load_records()
+            for _, entry in self._store.scan("services", as_type=ServiceEntry):
+                self._index(entry)
+                revision = max(revision, entry.mod_revision)
+                # TTLs restart on load: every instance gets a full TTL of grace (as Consul does).
+                self._timers.arm(entry, now)
         finally:
             if gc_was_enabled:
                 gc.enable()
-
-    def _load_records(self) -> None:
-        now = self._clock()
-        for key, value in self._store.scan("services"):
-            try:
-                entry = entry_from_record(value)
-            except ValidationError as exc:
-                raise StoreError(f"the store holds an invalid service record {key!r}: {exc.message}") from None
-            self._index(entry)
-            self._revision = max(self._revision, entry.mod_revision)
-            # TTLs restart on load: every instance gets a full TTL of grace (as Consul does).
-            self._arm_timers(entry, now)
-        events = [Event.from_dict(value) for _, value in self._store.scan("events")]
-        if events:
-            self._retained.extend(events[-self._retention :])
-            self._revision = max(self._revision, events[-1].revision)
-            self._trimmed_below = self._retained[0].revision
-        self._published = self._revision
+        self._events.load(revision=revision)
         topology = self._store.get("meta", "topology")
         self._topology = topology if isinstance(topology, Mapping) else None
-        log.debug("loaded %d services at revision %d", len(self._services), self._revision)
+        log.debug("loaded %d services at revision %d", len(self._services), self._events.published)
 
     # --- reads --------------------------------------------------------------------
 
     @property
     def revision(self) -> int:
         """The revision of the last durable change."""
-        return self._published
+        return self._events.published
 
     @property
     def networks(self) -> NetworkConfig | None:
@@ -243,53 +206,34 @@ class Registry:
         return entry
 
     def list_services(
-        self,
-        *,
-        service_name: str | None = None,
-        host_id: str | None = None,
-        location: Location | str | None = None,
-        state: ServiceState | str | None = None,
-        network: str | None = None,
-        tag: str | None = None,
+        self, query: ServiceQuery | Mapping[str, Any] | None = None, **filters: Any
     ) -> list[ServiceEntry]:
-        """Instances matching every given filter, sorted by service name then host."""
-        wanted_location = _as_enum(Location, location, "location")
-        wanted_state = _as_enum(ServiceState, state, "state")
+        """Instances matching ``query``, or the same filters given as keywords
+        (``service_name=``, ``location=``, ... see :class:`ServiceQuery`), sorted by service
+        name then host.
+
+        Raises:
+            ValidationError: a bad filter (``filter.location: must be one of ...``).
+        """
+        if query is not None and filters:
+            raise ValidationError(f"give the filters as query= or as keywords, not both ({', '.join(filters)})")
+        wanted = ServiceQuery.parse(query if query is not None else filters)
         with self._lock:
-            if service_name is not None:
-                candidates = list(self._by_name.get(service_name, {}).values())
-            elif host_id is not None:
-                candidates = list(self._by_host.get(host_id, {}).values())
+            if wanted.service_name is not None:
+                candidates = list(self._by_name.get(wanted.service_name, {}).values())
+            elif wanted.host_id is not None:
+                candidates = list(self._by_host.get(wanted.host_id, {}).values())
             else:
                 candidates = list(self._services.values())
-        matches = [
-            entry
-            for entry in candidates
-            if (host_id is None or entry.host_id == host_id)
-            and (wanted_location is None or entry.location is wanted_location)
-            and (wanted_state is None or entry.state is wanted_state)
-            and (network is None or entry.network_info.network == network)
-            and (tag is None or tag in entry.tags)
-        ]
+        matches = candidates if wanted.is_everything else [entry for entry in candidates if wanted.matches(entry)]
         matches.sort(key=lambda entry: entry.key)
         return matches
 
-    def list_endpoints(self, **filters: Any) -> list[EndpointRecord]:
-        """Every endpoint of every instance matching ``filters`` (as for list_services)."""
-        return [
-            EndpointRecord(
-                entry.service_name,
-                entry.host_id,
-                endpoint.name,
-                endpoint.protocol,
-                entry.network_info.ip,
-                endpoint.port,
-                entry.location,
-                entry.state,
-            )
-            for entry in self.list_services(**filters)
-            for endpoint in entry.endpoints
-        ]
+    def list_endpoints(
+        self, query: ServiceQuery | Mapping[str, Any] | None = None, **filters: Any
+    ) -> list[EndpointRecord]:
+        """Every endpoint of every instance matching the query (as for list_services)."""
+        return [record for entry in self.list_services(query, **filters) for record in EndpointRecord.of(entry)]
 
     def topology(self) -> Mapping[str, Any] | None:
         """The last topology recorded with :meth:`update_topology`."""
@@ -311,10 +255,7 @@ class Registry:
         Every entry is validated before any is written: one bad entry fails the call
         and changes nothing. Each change still gets its own revision and event.
         """
-        placed = [
-            self._place(item if isinstance(item, ServiceEntry) else ServiceEntry.from_dict(item)) for item in entries
-        ]
-        return self._apply(placed)
+        return self._apply([self._place(item) for item in entries])
 
     def add_or_update_each(
         self, entries: Iterable[ServiceEntry | Mapping[str, Any]]
@@ -329,7 +270,7 @@ class Registry:
         placed: list[ServiceEntry] = []
         for item in entries:
             try:
-                entry = self._place(item if isinstance(item, ServiceEntry) else ServiceEntry.from_dict(item))
+                entry = self._place(item)
             except ValidationError as exc:
                 outcomes.append(exc)
             else:
@@ -348,10 +289,10 @@ class Registry:
             for entry in placed:
                 old = self._services.get(entry.key)
                 if old is not None and _content(old) == _content(entry):
-                    self._arm_timers(old, now, heartbeat=True)
+                    self._timers.arm(old, now, heartbeat=True)
                     stored_entries.append(old)
                     continue
-                revision = self._revision + 1
+                revision = self._events.next_revision
                 stored = entry.stamped(
                     create_revision=old.create_revision if old is not None else revision,
                     mod_revision=revision,
@@ -362,7 +303,7 @@ class Registry:
                 else:
                     event = self._record_update(old, stored, {})
                 self._ttl_failed.discard(stored.key)
-                self._arm_timers(stored, now)
+                self._timers.arm(stored, now)
                 stored_entries.append(stored)
                 last_revision = event.revision
         if last_revision:
@@ -385,8 +326,7 @@ class Registry:
 
     def set_state(self, name: str, state: ServiceState | str, host_id: str | None = None) -> ServiceEntry:
         """Change an instance's run state; the same state again changes nothing."""
-        new_state = _as_enum(ServiceState, state, "state")
-        assert new_state is not None
+        new_state = convert(state, ServiceState, path="state")
         with self._lock:
             self._check_open()
             entry = self._resolve(name, host_id)
@@ -409,7 +349,7 @@ class Registry:
             if entry.key in self._ttl_failed and entry.state is ServiceState.FAILED:
                 updated, event = self._change_state(entry, ServiceState.RUNNING, reason="heartbeat")
             else:
-                self._arm_timers(entry, self._clock(), heartbeat=True)
+                self._timers.arm(entry, self._clock(), heartbeat=True)
                 return entry
         self._make_durable(event.revision)
         return updated
@@ -424,7 +364,9 @@ class Registry:
             previous = self._topology
             self._store.put("meta", "topology", snapshot)
             self._topology = snapshot
-            event = self._append_event(EventType.NETWORK_TOPOLOGY_CHANGED, {"topology": snapshot, "previous": previous})
+            event = self._events.append(
+                EventType.NETWORK_TOPOLOGY_CHANGED, {"topology": snapshot, "previous": previous}
+            )
         self._make_durable(event.revision)
         return event
 
@@ -438,17 +380,15 @@ class Registry:
         with self._lock:
             if self._closed:
                 return events
-            while self._timers and self._timers[0][0] <= now:
-                deadline, _, kind, key = heapq.heappop(self._timers)
+            for kind, key in self._timers.pop_due(now):
                 entry = self._services.get(key)
                 if entry is None:
                     continue
-                if kind == _TTL and self._ttl_deadline.get(key) == deadline:
-                    del self._ttl_deadline[key]
+                if kind is Deadline.TTL:
                     _, event = self._change_state(entry, ServiceState.FAILED, reason="ttl_expired", now=now)
                     self._ttl_failed.add(key)
                     events.append(event)
-                elif kind == _DEREGISTER and self._deregister_deadline.get(key) == deadline:
+                else:
                     events.append(self._record_removal(entry, "deregistered_after_failure"))
         if events:
             self._make_durable(events[-1].revision)
@@ -457,29 +397,12 @@ class Registry:
     def next_deadline(self) -> float | None:
         """The clock time of the next TTL action, or None when nothing is due."""
         with self._lock:
-            while self._timers:
-                deadline, _, kind, key = self._timers[0]
-                current = self._ttl_deadline if kind == _TTL else self._deregister_deadline
-                if current.get(key) == deadline:
-                    return deadline
-                heapq.heappop(self._timers)
-        return None
+            return self._timers.next_deadline()
 
     def start_reaper(self, interval: float = 0.5) -> None:
         """Run :meth:`expire` every ``interval`` seconds in a daemon thread until close()."""
-        if self._reaper is not None:
-            return
-
-        def reap() -> None:
-            while not self._stopping.wait(interval):
-                try:
-                    self.expire()
-                except StoreError:
-                    log.exception("TTL reaper stopped: the store failed")
-                    return
-
-        self._reaper = threading.Thread(target=reap, name="svcreg-ttl-reaper", daemon=True)
-        self._reaper.start()
+        if self._reaper is None and not self._closed:
+            self._reaper = Reaper(self.expire, interval=interval)
 
     # --- subscriptions ----------------------------------------------------------------
 
@@ -488,10 +411,11 @@ class Registry:
         event_types: Iterable[EventType | str] | None = None,
         *,
         since_revision: int | None = None,
-        filter: EventFilter | Mapping[str, Any] | None = None,
+        filter: ServiceQuery | Mapping[str, Any] | None = None,
         maxsize: int = DEFAULT_SUBSCRIPTION_QUEUE,
     ) -> Subscription:
-        """Subscribe to events (all types when ``event_types`` is empty).
+        """Subscribe to events (all types when ``event_types`` is empty) of the services
+        ``filter`` selects (topology events always pass).
 
         With ``since_revision``, every retained event after that revision is queued
         first, in order, with no gap and no duplicate, then live events follow.
@@ -500,56 +424,17 @@ class Registry:
             Compacted: ``since_revision`` is older than the oldest retained event.
             ValidationError: bad types, filter, revision or queue size.
         """
-        types = parse_event_types(event_types)
-        event_filter = EventFilter.from_value(filter)
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
-            raise ValidationError(f"maxsize must be a positive integer, got {maxsize!r}", field="maxsize")
-        if since_revision is not None and (
-            isinstance(since_revision, bool) or not isinstance(since_revision, int) or since_revision < 0
-        ):
-            raise ValidationError(
-                f"since_revision must be a non-negative integer, got {since_revision!r}", field="since_revision"
-            )
-        subscription = Subscription(types, event_filter=event_filter, maxsize=maxsize, on_close=self._forget)
-        with self._dispatch_lock:
-            if self._closed:
-                raise StoreError("the registry is closed")
-            current = self._published
-            if since_revision is None:
-                subscription._preload([], current)
-            else:
-                oldest = self._retained[0].revision if self._retained else current + 1
-                if since_revision > current:
-                    raise ValidationError(
-                        f"since_revision {since_revision} is ahead of the registry's revision {current}",
-                        field="since_revision",
-                    )
-                if since_revision < oldest - 1:
-                    raise Compacted(
-                        f"revision {since_revision} has been compacted; the oldest retained event is {oldest}",
-                        oldest_revision=oldest,
-                        requested_revision=since_revision,
-                    )
-                backlog = [e for e in self._retained if e.revision > since_revision and subscription.wants(e)]
-                subscription._preload(backlog, since_revision)
-            self._subscribers[subscription.id] = subscription
-            self._subscriber_snapshot = tuple(self._subscribers.values())
-        return subscription
+        return self._events.subscribe(event_types, since_revision=since_revision, query=filter, maxsize=maxsize)
 
     def unsubscribe(self, subscription: Subscription | str) -> None:
         """Close a subscription (by object or id); unknown ids are ignored."""
-        target = self._subscribers.get(subscription) if isinstance(subscription, str) else subscription
+        target = self._events.get(subscription) if isinstance(subscription, str) else subscription
         if target is not None:
             target.close()
 
     @property
     def subscriptions(self) -> list[Subscription]:
-        return list(self._subscriber_snapshot)
-
-    def _forget(self, subscription: Subscription) -> None:
-        with self._dispatch_lock:
-            if self._subscribers.pop(subscription.id, None) is not None:
-                self._subscriber_snapshot = tuple(self._subscribers.values())
+        return self._events.subscriptions
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -559,11 +444,9 @@ class Registry:
             if self._closed:
                 return
             self._closed = True
-        self._stopping.set()
-        if self._reaper is not None and self._reaper is not threading.current_thread():
-            self._reaper.join()
-        for subscription in list(self._subscriber_snapshot):
-            subscription.close("the registry closed")
+        if self._reaper is not None:
+            self._reaper.stop()
+        self._events.close("the registry closed")
         self._store.close()
 
     def __enter__(self) -> Registry:
@@ -599,11 +482,13 @@ class Registry:
             )
         return entry
 
-    def _place(self, entry: ServiceEntry) -> ServiceEntry:
-        """Check the entry's address against the configured networks; fill in the network."""
+    def _place(self, item: ServiceEntry | Mapping[str, Any]) -> ServiceEntry:
+        """The entry, its address checked against the configured networks and its network filled in."""
+        entry = item if isinstance(item, ServiceEntry) else ServiceEntry.from_dict(item)
         if self._networks is None:
             return entry
         info = entry.network_info
+        network: Network | None
         if info.network is not None:
             try:
                 network = self._networks.get(info.network)
@@ -640,33 +525,13 @@ class Registry:
 
     def _unindex(self, entry: ServiceEntry) -> None:
         del self._services[entry.key]
-        for index, outer, inner in (
-            (self._by_name, entry.service_name, entry.host_id),
-            (self._by_host, entry.host_id, entry.service_name),
-            (self._hosts_by_ip, entry.network_info.ip, entry.key),
-        ):
-            bucket = index[outer]
-            del bucket[inner]
-            if not bucket:
-                del index[outer]
-
-    def _append_event(self, event_type: EventType, data: dict[str, Any]) -> Event:
-        """Write the next revision's event to the store and queue it for publishing."""
-        revision = self._revision + 1
-        event = Event(event_type, revision, data, self._wall_clock())
-        self._store.put("events", _event_key(revision), event.to_dict())
-        self._revision = revision
-        self._pending.append(event)
-        # Trim the stored log in batches, not one delete per write.
-        horizon = revision - self._retention + 1
-        if horizon - self._trimmed_below >= max(1, self._retention // 10):
-            self._store.delete_below("events", _event_key(horizon))
-            self._trimmed_below = horizon
-        return event
+        _drop(self._by_name, entry.service_name, entry.host_id)
+        _drop(self._by_host, entry.host_id, entry.service_name)
+        _drop(self._hosts_by_ip, entry.network_info.ip, entry.key)
 
     def _record(self, entry: ServiceEntry, event_type: EventType, data: dict[str, Any]) -> Event:
         self._store.put("services", _service_key(entry.key), entry.to_record())
-        event = self._append_event(event_type, data)
+        event = self._events.append(event_type, data)
         old = self._services.get(entry.key)
         if old is not None:
             self._unindex(old)
@@ -689,72 +554,36 @@ class Registry:
 
     def _record_removal(self, entry: ServiceEntry, reason: str) -> Event:
         self._store.delete("services", _service_key(entry.key))
-        event = self._append_event(EventType.SERVICE_REMOVED, {"service": entry.to_dict(), "reason": reason})
+        event = self._events.append(EventType.SERVICE_REMOVED, {"service": entry.to_dict(), "reason": reason})
         self._unindex(entry)
-        self._ttl_deadline.pop(entry.key, None)
-        self._deregister_deadline.pop(entry.key, None)
+        self._timers.forget(entry.key)
         self._ttl_failed.discard(entry.key)
         return event
 
     def _change_state(
         self, entry: ServiceEntry, state: ServiceState, *, reason: str, now: float | None = None
     ) -> tuple[ServiceEntry, Event]:
-        revision = self._revision + 1
+        revision = self._events.next_revision
         updated = entry.evolve(state=state).stamped(
             create_revision=entry.create_revision, mod_revision=revision, updated_at=self._wall_clock()
         )
         event = self._record_update(entry, updated, {"reason": reason})
         if state is not ServiceState.FAILED:
             self._ttl_failed.discard(entry.key)
-        self._arm_timers(updated, self._clock() if now is None else now)
+        self._timers.arm(updated, self._clock() if now is None else now)
         return updated, event
-
-    def _arm_timers(self, entry: ServiceEntry, now: float, *, heartbeat: bool = False) -> None:
-        key = entry.key
-        if entry.ttl_seconds is not None and entry.state in _LIVE_STATES:
-            self._push_timer(self._ttl_deadline, key, now + entry.ttl_seconds, _TTL)
-        else:
-            self._ttl_deadline.pop(key, None)
-        if heartbeat:
-            return
-        if entry.deregister_after_seconds is not None and entry.state is ServiceState.FAILED:
-            self._push_timer(self._deregister_deadline, key, now + entry.deregister_after_seconds, _DEREGISTER)
-        else:
-            self._deregister_deadline.pop(key, None)
-
-    def _push_timer(self, deadlines: dict[InstanceKey, float], key: InstanceKey, deadline: float, kind: str) -> None:
-        deadlines[key] = deadline
-        heapq.heappush(self._timers, (deadline, next(self._timer_seq), kind, key))
-        # Heartbeats leave superseded timers behind; rebuild before they pile up.
-        live = len(self._ttl_deadline) + len(self._deregister_deadline)
-        if len(self._timers) > 4 * live + 1024:
-            self._timers = [
-                (when, next(self._timer_seq), timer_kind, timer_key)
-                for timer_kind, table in ((_TTL, self._ttl_deadline), (_DEREGISTER, self._deregister_deadline))
-                for timer_key, when in table.items()
-            ]
-            heapq.heapify(self._timers)
 
     # --- durability and publishing (called without self._lock) ----------------------------
 
     def _make_durable(self, revision: int) -> None:
         """Commit (group commit), then publish every event up to ``revision`` in order."""
         self._store.commit()
-        with self._dispatch_lock:
-            while self._pending and self._pending[0].revision <= revision:
-                event = self._pending.popleft()
-                self._retained.append(event)
-                self._published = event.revision
-                for subscription in self._subscriber_snapshot:
-                    if subscription.wants(event):
-                        subscription.offer(event)
+        self._events.publish(revision)
 
 
-def _as_enum(enum_cls: type[Location] | type[ServiceState], value: object, field: str) -> Any:
-    if value is None or isinstance(value, enum_cls):
-        return value
-    try:
-        return enum_cls(value)
-    except ValueError:
-        choices = ", ".join(member.value for member in enum_cls)
-        raise ValidationError(f"{field} {value!r} is not one of {choices}", field=field) from None
+def _drop(index: dict[str, dict[_K, Any]], outer: str, inner: _K) -> None:
+    """Remove ``index[outer][inner]``, and ``index[outer]`` once it is empty."""
+    bucket = index[outer]
+    del bucket[inner]
+    if not bucket:
+        del index[outer]

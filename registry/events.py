@@ -23,9 +23,11 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from .exceptions import SubscriptionClosed, SubscriptionLagged, ValidationError
+from .query import ServiceQuery
+from .schema import convert
 
 __all__ = [
     "Event",
@@ -51,17 +53,11 @@ SERVICE_EVENTS = frozenset(EventType) - {EventType.NETWORK_TOPOLOGY_CHANGED}
 def parse_event_types(values: Iterable[EventType | str] | None) -> frozenset[EventType]:
     """Event types from names; ``None`` or an empty list means every type."""
     if values is None:
-        return frozenset(EventType)
-    if isinstance(values, (str, bytes)):
-        raise ValidationError("events must be a list of event type names", field="events")
-    types = set()
-    for value in values:
-        try:
-            types.add(EventType(value))
-        except ValueError:
-            choices = ", ".join(member.value for member in EventType)
-            raise ValidationError(f"unknown event type {value!r}; known types: {choices}", field="events") from None
-    return frozenset(types) or frozenset(EventType)
+        return _EVERY_TYPE
+    return convert(values, frozenset[EventType], path="events") or _EVERY_TYPE
+
+
+_EVERY_TYPE: Final = frozenset(EventType)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,58 +90,8 @@ class Event:
             raise ValidationError(f"not an event record: {exc}", field="event") from None
 
 
-_FILTER_KEYS = ("service_name", "host_id", "location", "state", "network", "tag")
-
-
-@dataclass(frozen=True, slots=True)
-class EventFilter:
-    """Which service events a subscriber wants; every given field must match.
-
-    Topology events carry no service, so filters do not apply to them.
-    """
-
-    service_name: str | None = None
-    host_id: str | None = None
-    location: str | None = None
-    state: str | None = None
-    network: str | None = None
-    tag: str | None = None
-
-    @classmethod
-    def from_value(cls, value: EventFilter | Mapping[str, Any] | None) -> EventFilter | None:
-        if value is None or isinstance(value, EventFilter):
-            return value
-        if not isinstance(value, Mapping):
-            raise ValidationError("filter must be an object", field="filter")
-        unknown = set(value) - set(_FILTER_KEYS)
-        if unknown:
-            raise ValidationError(
-                f"unknown filter field(s) {', '.join(sorted(map(str, unknown)))}; known: {', '.join(_FILTER_KEYS)}",
-                field="filter",
-            )
-        for key, item in value.items():
-            if item is not None and not isinstance(item, str):
-                raise ValidationError(f"filter.{key} must be a string, got {item!r}", field=f"filter.{key}")
-        return cls(**value)
-
-    def matches(self, event: Event) -> bool:
-        service = event.service
-        if service is None:
-            return True
-        if self.service_name is not None and service["service_name"] != self.service_name:
-            return False
-        if self.host_id is not None and service["host_id"] != self.host_id:
-            return False
-        if self.location is not None and service["location"] != self.location:
-            return False
-        if self.state is not None and service["state"] != self.state:
-            return False
-        if self.network is not None and service["network_info"].get("network") != self.network:
-            return False
-        return self.tag is None or self.tag in service["tags"]
-
-    def to_dict(self) -> dict[str, str]:
-        return {key: getattr(self, key) for key in _FILTER_KEYS if getattr(self, key) is not None}
+EventFilter = ServiceQuery
+"""The former name of :class:`~registry.query.ServiceQuery` for subscriptions."""
 
 
 _subscription_ids = itertools.count(1)
@@ -163,13 +109,14 @@ class Subscription:
         self,
         event_types: frozenset[EventType],
         *,
-        event_filter: EventFilter | None,
+        query: ServiceQuery,
         maxsize: int,
         on_close: Callable[[Subscription], None] | None = None,
     ) -> None:
         self.id = f"sub-{next(_subscription_ids)}"
         self.event_types = event_types
-        self.filter = event_filter
+        self.query = query
+        self._everything = query.is_everything
         self.maxsize = maxsize
         self._queue: deque[Event] = deque()
         self._limit = maxsize
@@ -185,7 +132,11 @@ class Subscription:
     # --- producer side (the registry) ---------------------------------------------
 
     def wants(self, event: Event) -> bool:
-        return event.type in self.event_types and (self.filter is None or self.filter.matches(event))
+        """Topology events carry no service: a query does not apply to them."""
+        if event.type not in self.event_types:
+            return False
+        service = event.service
+        return service is None or self._everything or self.query.matches(service)
 
     def _preload(self, backlog: list[Event], last_revision: int) -> None:
         """Queue the resume backlog; it does not count against ``maxsize``."""

@@ -1,12 +1,21 @@
-"""The service model: plain, immutable data with validation and a JSON round-trip.
+"""The service model: plain, immutable data, declared once as msgspec structs.
 
-Every class here validates on construction and raises :class:`ValidationError`
-naming the field and the value. ``to_dict``/``from_dict`` give the wire shape used by
-the store, the events and the WebSocket API::
+``Endpoint``, ``NetworkInfo`` and ``ServiceEntry`` are frozen :class:`msgspec.Struct` s:
+the wire and the store decode straight into them (``msgspec.json.decode(frame,
+type=ServiceEntry)``, :func:`registry.schema.convert`), and msgspec checks types, unknown
+fields and the bounds in the annotations. What no type can express (address
+normalisation, loopback against location, duplicate endpoint names, tag folding, metadata
+keys) is checked once, in ``__post_init__``. ``to_dict``/``from_dict`` give the wire shape
+used by the store, the events and the WebSocket API::
 
     {"service_name": "postgres", "host_id": "docker-host", "location": "local",
      "state": "running", "endpoints": [{"name": "db", "port": 5432, "protocol": "tcp"}],
      "network_info": {"ip": "127.0.0.1", "hostname": null, "network": null}, ...}
+
+Python callers may also construct entries directly, with plain values
+(``ServiceEntry("api", "h", "local", {"ip": "::1"})``): calling the class converts its
+arguments exactly as decoding would, so a bad value raises the same
+:class:`~registry.exceptions.ValidationError`, naming the field.
 
 An instance is identified by ``(service_name, host_id)``: one service may run on many
 hosts.
@@ -14,23 +23,27 @@ hosts.
 
 from __future__ import annotations
 
+import copy
 import enum
 import functools
 import ipaddress
-import math
 import re
 import socket
-from collections.abc import Iterable, Mapping
-from dataclasses import MISSING, dataclass, field, replace
-from types import MappingProxyType
-from typing import Any, Final
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Final, Literal, NoReturn, TypedDict, cast
+
+import msgspec
+from msgspec.structs import force_setattr
 
 from .exceptions import ValidationError
+from .schema import FieldError, convert, shown
 
 __all__ = [
     "BOOKKEEPING_FIELDS",
     "CONTENT_FIELDS",
     "SERVICE_FIELDS",
+    "ConvertingMeta",
     "Endpoint",
     "EndpointRecord",
     "InstanceKey",
@@ -71,12 +84,21 @@ class ServiceState(enum.StrEnum):
     FAILED = "failed"
 
 
-# Lookups by value that also accept the members themselves (a StrEnum hashes as its str).
-_LOCATIONS: dict[str, Location] = {member.value: member for member in Location}
-_STATES: dict[str, ServiceState] = {member.value: member for member in ServiceState}
+# --- bounds a type can express ------------------------------------------------------
+
+_MAX_SECONDS: Final = 7 * 24 * 3600.0
+_Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+_Seconds = Annotated[float, msgspec.Meta(gt=0, le=_MAX_SECONDS)]
+_Revision = Annotated[int, msgspec.Meta(ge=0)]
+_Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+_Version = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+_MetadataValue = Annotated[str, msgspec.Meta(max_length=4096)]
+_Tags = Annotated[tuple[_Tag, ...], msgspec.Meta(max_length=64)]
+_Metadata = Annotated[Mapping[str, _MetadataValue], msgspec.Meta(max_length=64)]
 
 
-# --- field validators -------------------------------------------------------------
+# --- rules no type can express ----------------------------------------------------------
+
 
 _SERVICE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _HOST_ID = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.:-]{0,251}[A-Za-z0-9])?")
@@ -85,55 +107,53 @@ _ENDPOINT_NAME = re.compile(r"[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?")
 _HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
-_PROTOCOLS = frozenset({"tcp", "udp"})
-_MAX_TAGS = 64
-_MAX_TAG_LENGTH = 255
-_MAX_METADATA_KEYS = 64
-_MAX_METADATA_VALUE = 4096
-_MAX_VERSION_LENGTH = 128
-_MAX_ENDPOINTS = 64
-_MAX_SECONDS = 7 * 24 * 3600.0
+_SERVICE_NAME_RULE: Final = "1-63 lowercase letters, digits and '-'"
+_HOST_ID_RULE: Final = "1-253 letters, digits, '-', '_', '.', ':'"
+_NETWORK_NAME_RULE: Final = "1-63 letters, digits, '-', '_', '.'"
+_ENDPOINT_NAME_RULE: Final = "1-63 lowercase letters, digits, '-' and '_'"
 
 
-def _require_str(value: object, field_name: str) -> str:
-    if not isinstance(value, str):
-        raise ValidationError(f"{field_name} must be a string, got {type(value).__name__} {value!r}", field=field_name)
-    return value
+def _invalid(text: str, rule: str) -> str:
+    return f"{shown(text)} is invalid: use {rule}, starting and ending with a letter or digit"
+
+
+def _broken(field: str, text: str, rule: str) -> NoReturn:
+    raise FieldError(field, _invalid(text, rule))
 
 
 def _validate_pattern(value: object, field_name: str, pattern: re.Pattern[str], rule: str) -> str:
-    text = _require_str(value, field_name)
+    """The public validators: ``field_name`` is prose here (``"network name"``), so the
+    message reads ``network name 'x y' is invalid: ...``."""
+    text = value if type(value) is str else convert(value, str, path=field_name)
     if not pattern.fullmatch(text):
-        raise ValidationError(
-            f"{field_name} {text!r} is invalid: use {rule}, starting and ending with a letter or digit",
-            field=field_name,
-        )
+        raise ValidationError(f"{field_name} {_invalid(text, rule)}", field=field_name)
     return text
 
 
 def validate_service_name(value: object, field_name: str = "service_name") -> str:
-    return _validate_pattern(value, field_name, _SERVICE_NAME, "1-63 lowercase letters, digits and '-'")
+    return _validate_pattern(value, field_name, _SERVICE_NAME, _SERVICE_NAME_RULE)
 
 
 def validate_host_id(value: object, field_name: str = "host_id") -> str:
-    return _validate_pattern(value, field_name, _HOST_ID, "1-253 letters, digits, '-', '_', '.', ':'")
+    return _validate_pattern(value, field_name, _HOST_ID, _HOST_ID_RULE)
 
 
 def validate_network_name(value: object, field_name: str = "network") -> str:
-    return _validate_pattern(value, field_name, _NETWORK_NAME, "1-63 letters, digits, '-', '_', '.'")
+    return _validate_pattern(value, field_name, _NETWORK_NAME, _NETWORK_NAME_RULE)
 
 
 def validate_ip(value: object, field_name: str = "ip") -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """Parse an IP address; unspecified (0.0.0.0, ::) and multicast addresses are refused."""
-    return ipaddress.ip_address(_ip_facts(value, field_name)[0])
-
-
-_LOOPBACK_V6 = bytes(15) + b"\x01"
+    text = value if type(value) is str else convert(value, str, path=field_name)
+    canonical, problem = _canonical_ip(text)
+    if problem is not None:
+        raise ValidationError(f"{field_name} {problem}", field=field_name)
+    return ipaddress.ip_address(canonical)
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse_ip(text: str) -> tuple[str, bool] | str:
-    """(canonical text, is loopback), or the reason the text is not a usable address.
+def _canonical_ip(text: str) -> tuple[str, str | None]:
+    """``(canonical text, None)``, or ``(text, why it cannot be a service address)``.
 
     ``inet_pton`` is strict (no leading zeros, no short forms, no zone ids) and ~20x
     faster than ``ipaddress``; this runs for every entry loaded from the store.
@@ -144,145 +164,107 @@ def _parse_ip(text: str) -> tuple[str, bool] | str:
         except (OSError, ValueError):
             continue
         if not any(packed):
-            return "unspecified"
+            return text, f"{shown(text)} cannot be a service address (unspecified)"
         if packed[0] == 0xFF or (family == socket.AF_INET and 224 <= packed[0] <= 239):
-            return "multicast"
-        loopback = packed[0] == 127 if family == socket.AF_INET else packed == _LOOPBACK_V6
-        return socket.inet_ntop(family, packed), loopback
-    return "invalid"
+            return text, f"{shown(text)} cannot be a service address (multicast)"
+        return socket.inet_ntop(family, packed), None
+    return text, f"{shown(text)} is not a valid IP address"
 
 
-def _ip_facts(value: object, field_name: str) -> tuple[str, bool]:
-    """(canonical text, is loopback) of a service address, or a ValidationError."""
-    text = _require_str(value, field_name)
-    facts = _parse_ip(text)
-    if isinstance(facts, tuple):
-        return facts
-    if facts == "invalid":
-        raise ValidationError(f"{field_name} {text!r} is not a valid IP address", field=field_name)
-    raise ValidationError(f"{field_name} {text!r} cannot be a service address ({facts})", field=field_name)
+class _FrozenDict(dict[str, str]):
+    """Metadata: a dict (so msgspec encodes it) that refuses every change."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("service metadata is immutable: use entry.evolve(metadata=...)")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def __reduce__(self) -> tuple[type[_FrozenDict], tuple[dict[str, str]]]:
+        return (type(self), (dict(self),))
+
+    def __copy__(self) -> _FrozenDict:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _FrozenDict:
+        return self  # immutable, and its values are strings
 
 
-def _validate_hostname(value: object) -> str:
-    hostname = _require_str(value, "network_info.hostname")
-    labels = hostname.rstrip(".").split(".")
-    if len(hostname) > 253 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels):
-        raise ValidationError(
-            f"network_info.hostname {hostname!r} is not a valid DNS hostname", field="network_info.hostname"
-        )
-    return hostname
+_EMPTY_METADATA: Final = _FrozenDict()
 
 
-def _validate_seconds(value: object, field_name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValidationError(
-            f"{field_name} must be a number of seconds, got {type(value).__name__} {value!r}", field=field_name
-        )
-    seconds = float(value)
-    if not (math.isfinite(seconds) and 0 < seconds <= _MAX_SECONDS):
-        raise ValidationError(
-            f"{field_name} {value!r} is out of range (0 < seconds <= {_MAX_SECONDS:.0f})", field=field_name
-        )
-    return seconds
+# --- direct construction ---------------------------------------------------------------
 
 
-def _validate_revision(value: object, field_name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationError(f"{field_name} must be a non-negative integer, got {value!r}", field=field_name)
-    return value
+class ConvertingMeta(msgspec.StructMeta):
+    """Calling the class converts its arguments the way decoding does.
+
+    msgspec checks annotations only when decoding; ``Struct(...)`` would take a str for an
+    enum or a port of 0 as given. Here a direct call binds the arguments to the fields and
+    converts them like decoded data (str -> enum, dict -> struct, list -> tuple, bounds),
+    then ``__post_init__`` checks the rest: one path, one set of messages. Decoding does
+    not go through this, so it pays nothing for it.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        names = cls.__struct_fields__
+        if len(args) > len(names):
+            raise TypeError(f"{cls.__name__} takes at most {len(names)} positional arguments")
+        fields = dict(zip(names, args, strict=False))
+        if not fields.keys().isdisjoint(kwargs):
+            raise TypeError(f"{cls.__name__} got several values for {sorted(fields.keys() & kwargs)}")
+        fields.update(kwargs)
+        return convert(fields, cast("type[msgspec.Struct]", cls))
 
 
-def _check_keys(data: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
-    if data.keys() <= allowed:
-        return
-    unknown = sorted(map(str, set(data) - allowed))
-    prefix = "" if where == "service" else f"{where}."
-    raise ValidationError(
-        f"{where}: unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(allowed))}",
-        field=prefix + unknown[0],
-    )
+# --- the structs ------------------------------------------------------------------------
 
 
-def _require_mapping(data: object, where: str) -> Mapping[str, Any]:
-    if type(data) is dict:  # the common case, without the slow ABC check
-        return data
-    if not isinstance(data, Mapping):
-        raise ValidationError(f"{where} must be an object, got {type(data).__name__}", field=where)
-    return data
-
-
-# --- the data classes ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
+class Endpoint(msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid_unknown_fields=True):
     """A named port a service listens on."""
 
     name: str
-    port: int
-    protocol: str = "tcp"
+    port: _Port
+    protocol: Literal["tcp", "udp"] = "tcp"
 
     def __post_init__(self) -> None:
-        name = _require_str(self.name, "endpoints.name")
-        if not _ENDPOINT_NAME.fullmatch(name):
-            raise ValidationError(
-                f"endpoint name {name!r} is invalid: use 1-63 lowercase letters, digits, '-' and '_'",
-                field="endpoints.name",
-            )
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
-            raise ValidationError(
-                f"endpoint {name!r}: port {self.port!r} is out of range (1-65535)", field="endpoints.port"
-            )
-        if self.protocol not in _PROTOCOLS:
-            raise ValidationError(
-                f"endpoint {name!r}: protocol {self.protocol!r} is not one of {', '.join(sorted(_PROTOCOLS))}",
-                field="endpoints.protocol",
-            )
+        if not _ENDPOINT_NAME.fullmatch(self.name):
+            _broken("name", self.name, _ENDPOINT_NAME_RULE)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "port": self.port, "protocol": self.protocol}
 
     @classmethod
-    def from_dict(cls, data: object) -> Endpoint:
-        mapping = _require_mapping(data, "endpoints[]")
-        _check_keys(mapping, _ENDPOINT_KEYS, "endpoints[]")
-        if "name" not in mapping or "port" not in mapping:
-            raise ValidationError("an endpoint needs both 'name' and 'port'", field="endpoints")
-        name, port, protocol = mapping["name"], mapping["port"], mapping.get("protocol", "tcp")
-        if type(name) is str and type(port) is int and type(protocol) is str:
-            return _shared_endpoint(name, port, protocol)
-        return cls(name, port, protocol)
+    def from_dict(cls, data: object, *, path: str = "") -> Endpoint:
+        return convert(data, cls, path=path)
 
 
-_ENDPOINT_KEYS = frozenset({"name", "port", "protocol"})
-
-
-@functools.lru_cache(maxsize=4096)
-def _shared_endpoint(name: str, port: int, protocol: str) -> Endpoint:
-    """Endpoints are immutable: instances loaded from the store share them (memory, speed)."""
-    return Endpoint(name, port, protocol)
-
-
-@dataclass(frozen=True, slots=True)
-class NetworkInfo:
+class NetworkInfo(msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid_unknown_fields=True):
     """Where an instance can be reached: its IP, optional hostname and network name."""
 
     ip: str
     hostname: str | None = None
     network: str | None = None
-    _loopback: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        canonical, problem = _canonical_ip(self.ip)
+        if problem is not None:
+            raise FieldError("ip", problem)
         # Normalise the address ("::0001" -> "::1") so equality and lookups are exact.
-        ip, loopback = _ip_facts(self.ip, "network_info.ip")
-        object.__setattr__(self, "ip", ip)
-        object.__setattr__(self, "_loopback", loopback)
-        if self.hostname is not None:
-            _validate_hostname(self.hostname)
-        if self.network is not None:
-            validate_network_name(self.network, "network_info.network")
+        if canonical != self.ip:
+            force_setattr(self, "ip", canonical)
+        hostname = self.hostname
+        if hostname is not None and (
+            len(hostname) > 253 or not all(map(_HOSTNAME_LABEL.fullmatch, hostname.rstrip(".").split(".")))
+        ):
+            raise FieldError("hostname", f"{shown(hostname)} is not a valid DNS hostname")
+        if self.network is not None and not _NETWORK_NAME.fullmatch(self.network):
+            _broken("network", self.network, _NETWORK_NAME_RULE)
 
     @property
     def address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -290,102 +272,18 @@ class NetworkInfo:
 
     @property
     def is_loopback(self) -> bool:
-        return self._loopback
+        # ip is canonical (see __post_init__): 127.0.0.0/8 is "127.*", ::1 has one spelling.
+        return self.ip.startswith("127.") or self.ip == "::1"
 
     def to_dict(self) -> dict[str, Any]:
         return {"ip": self.ip, "hostname": self.hostname, "network": self.network}
 
     @classmethod
-    def from_dict(cls, data: object) -> NetworkInfo:
-        mapping = _require_mapping(data, "network_info")
-        _check_keys(mapping, _NETWORK_INFO_KEYS, "network_info")
-        if "ip" not in mapping:
-            raise ValidationError("network_info.ip is required", field="network_info.ip")
-        ip, hostname, network = mapping["ip"], mapping.get("hostname"), mapping.get("network")
-        if (
-            type(ip) is str
-            and (hostname is None or type(hostname) is str)
-            and (network is None or type(network) is str)
-        ):
-            return _shared_network_info(ip, hostname, network)
-        return cls(ip, hostname, network)
+    def from_dict(cls, data: object, *, path: str = "") -> NetworkInfo:
+        return convert(data, cls, path=path)
 
 
-_NETWORK_INFO_KEYS = frozenset({"ip", "hostname", "network"})
-
-
-@functools.lru_cache(maxsize=4096)
-def _shared_network_info(ip: str, hostname: str | None, network: str | None) -> NetworkInfo:
-    """Many services share a host's address: entries loaded from the store share one object."""
-    return NetworkInfo(ip, hostname, network)
-
-
-def _is_sequence(value: object) -> bool:
-    if type(value) is list or type(value) is tuple:  # the common cases, without the slow ABC check
-        return True
-    return not isinstance(value, (str, bytes, Mapping)) and isinstance(value, Iterable)
-
-
-def _freeze_endpoints(value: object) -> tuple[Endpoint, ...]:
-    if not _is_sequence(value):
-        raise ValidationError(f"endpoints must be a list, got {type(value).__name__}", field="endpoints")
-    endpoints = tuple(item if isinstance(item, Endpoint) else Endpoint.from_dict(item) for item in value)
-    if len(endpoints) > _MAX_ENDPOINTS:
-        raise ValidationError(f"too many endpoints ({len(endpoints)} > {_MAX_ENDPOINTS})", field="endpoints")
-    names = [endpoint.name for endpoint in endpoints]
-    if len(set(names)) != len(names):
-        duplicate = next(name for name in names if names.count(name) > 1)
-        raise ValidationError(f"endpoint name {duplicate!r} is used twice", field="endpoints")
-    return endpoints
-
-
-def _freeze_tags(value: object) -> tuple[str, ...]:
-    if not _is_sequence(value):
-        raise ValidationError(f"tags must be a list of strings, got {type(value).__name__}", field="tags")
-    tags: dict[str, None] = {}
-    for tag in value:
-        text = _require_str(tag, "tags")
-        if not 1 <= len(text) <= _MAX_TAG_LENGTH:
-            raise ValidationError(f"tag {text!r} must be 1-{_MAX_TAG_LENGTH} characters", field="tags")
-        tags[text] = None
-    if len(tags) > _MAX_TAGS:
-        raise ValidationError(f"too many tags ({len(tags)} > {_MAX_TAGS})", field="tags")
-    return tuple(tags)
-
-
-_EMPTY_METADATA: Mapping[str, str] = MappingProxyType({})
-
-
-def _freeze_metadata(value: object) -> Mapping[str, str]:
-    mapping = _require_mapping(value, "metadata")
-    if len(mapping) > _MAX_METADATA_KEYS:
-        raise ValidationError(f"too many metadata keys ({len(mapping)} > {_MAX_METADATA_KEYS})", field="metadata")
-    for key, item in mapping.items():
-        if not isinstance(key, str) or not _METADATA_KEY.fullmatch(key):
-            raise ValidationError(
-                f"metadata key {key!r} is invalid: use 1-128 letters, digits, '_', '.', '-'", field="metadata"
-            )
-        if not isinstance(item, str):
-            raise ValidationError(
-                f"metadata[{key!r}] must be a string, got {type(item).__name__} {item!r}", field=f"metadata.{key}"
-            )
-        if len(item) > _MAX_METADATA_VALUE:
-            raise ValidationError(
-                f"metadata[{key!r}] is longer than {_MAX_METADATA_VALUE} characters", field=f"metadata.{key}"
-            )
-    return MappingProxyType(dict(mapping))
-
-
-def _coerce_enum(enum_cls: type[enum.StrEnum], value: object, field_name: str) -> Any:
-    try:
-        return enum_cls(value)
-    except ValueError:
-        choices = ", ".join(member.value for member in enum_cls)
-        raise ValidationError(f"{field_name} {value!r} is not one of {choices}", field=field_name) from None
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceEntry:
+class ServiceEntry(msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid_unknown_fields=True):
     """One instance of a service on one host.
 
     ``create_revision``/``mod_revision`` and ``updated_at`` are set by the registry;
@@ -397,76 +295,50 @@ class ServiceEntry:
     location: Location
     network_info: NetworkInfo
     state: ServiceState = ServiceState.RUNNING
-    endpoints: tuple[Endpoint, ...] = ()
-    tags: tuple[str, ...] = ()
-    metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY_METADATA)
-    ttl_seconds: float | None = None
-    deregister_after_seconds: float | None = None
-    version: str | None = None
-    create_revision: int = 0
-    mod_revision: int = 0
+    endpoints: Annotated[tuple[Endpoint, ...], msgspec.Meta(max_length=64)] = ()
+    tags: _Tags = ()
+    metadata: _Metadata = _EMPTY_METADATA
+    ttl_seconds: _Seconds | None = None
+    deregister_after_seconds: _Seconds | None = None
+    version: _Version | None = None
+    create_revision: _Revision = 0
+    mod_revision: _Revision = 0
     updated_at: float | None = None
 
     def __post_init__(self) -> None:
-        # This runs for every entry loaded from the store and every write: common
-        # shapes take the fast branch; anything unusual goes through the validators,
-        # which produce the error messages.
-        set_field = object.__setattr__
-        name, host_id = self.service_name, self.host_id
-        if type(name) is not str or not _SERVICE_NAME.fullmatch(name):
-            validate_service_name(name)
-        if type(host_id) is not str or not _HOST_ID.fullmatch(host_id):
-            validate_host_id(host_id)
-        location = _LOCATIONS.get(self.location) if isinstance(self.location, str) else None
-        set_field(self, "location", location or _coerce_enum(Location, self.location, "location"))
-        state = _STATES.get(self.state) if isinstance(self.state, str) else None
-        set_field(self, "state", state or _coerce_enum(ServiceState, self.state, "state"))
-        network_info = self.network_info
-        if type(network_info) is not NetworkInfo:
-            set_field(self, "network_info", NetworkInfo.from_dict(network_info))
-        endpoints = self.endpoints
-        if not (type(endpoints) is tuple and all(type(e) is Endpoint for e in endpoints)):
-            set_field(self, "endpoints", _freeze_endpoints(endpoints))
-        if type(self.tags) is not tuple or self.tags:
-            set_field(self, "tags", _freeze_tags(self.tags))
-        metadata = self.metadata
-        if not metadata and (type(metadata) is dict or isinstance(metadata, Mapping)):
-            set_field(self, "metadata", _EMPTY_METADATA)
-        elif type(metadata) is not MappingProxyType:
-            set_field(self, "metadata", _freeze_metadata(metadata))
-        if self.ttl_seconds is not None:
-            set_field(self, "ttl_seconds", _validate_seconds(self.ttl_seconds, "ttl_seconds"))
-        if self.deregister_after_seconds is not None:
-            seconds = _validate_seconds(self.deregister_after_seconds, "deregister_after_seconds")
-            set_field(self, "deregister_after_seconds", seconds)
-        if self.version is not None:
-            version = _require_str(self.version, "version")
-            if not 1 <= len(version) <= _MAX_VERSION_LENGTH:
-                raise ValidationError(
-                    f"version {version!r} must be 1-{_MAX_VERSION_LENGTH} characters", field="version"
-                )
-        if type(self.create_revision) is not int or self.create_revision < 0:
-            _validate_revision(self.create_revision, "create_revision")
-        if type(self.mod_revision) is not int or self.mod_revision < 0:
-            _validate_revision(self.mod_revision, "mod_revision")
-        updated_at = self.updated_at
-        if updated_at is not None and (isinstance(updated_at, bool) or not isinstance(updated_at, (int, float))):
-            raise ValidationError(f"updated_at must be a timestamp, got {updated_at!r}", field="updated_at")
-        self._check_location()
-
-    def _check_location(self) -> None:
+        if not _SERVICE_NAME.fullmatch(self.service_name):
+            _broken("service_name", self.service_name, _SERVICE_NAME_RULE)
+        if not _HOST_ID.fullmatch(self.host_id):
+            _broken("host_id", self.host_id, _HOST_ID_RULE)
         is_loopback = self.network_info.is_loopback
         if self.location is Location.LOCAL and not is_loopback:
-            raise ValidationError(
+            raise FieldError(
+                "network_info.ip",
                 f"location 'local' needs a loopback address (127.0.0.0/8 or ::1), got {self.network_info.ip}",
-                field="network_info.ip",
             )
         if self.location is not Location.LOCAL and is_loopback:
-            raise ValidationError(
+            raise FieldError(
+                "network_info.ip",
                 f"location {self.location.value!r} cannot use the loopback address {self.network_info.ip}; "
                 "use location 'local'",
-                field="network_info.ip",
             )
+        if len(self.endpoints) > 1:
+            names = [endpoint.name for endpoint in self.endpoints]
+            if len(set(names)) != len(names):
+                duplicate = next(name for name in names if names.count(name) > 1)
+                raise FieldError("endpoints", f"endpoint name {duplicate!r} is used twice")
+        if len(set(self.tags)) != len(self.tags):
+            force_setattr(self, "tags", tuple(dict.fromkeys(self.tags)))
+        self._freeze_metadata()
+
+    def _freeze_metadata(self) -> None:
+        metadata = self.metadata
+        if type(metadata) is _FrozenDict:
+            return
+        for key in metadata:
+            if not _METADATA_KEY.fullmatch(key):
+                raise FieldError("metadata", f"key {shown(key)} is invalid: use 1-128 letters, digits, '_', '.', '-'")
+        force_setattr(self, "metadata", _FrozenDict(metadata) if metadata else _EMPTY_METADATA)
 
     @property
     def key(self) -> InstanceKey:
@@ -474,23 +346,19 @@ class ServiceEntry:
 
     def evolve(self, **changes: Any) -> ServiceEntry:
         """A copy with some fields changed (validated again)."""
-        return replace(self, **changes)
+        return convert({**msgspec.structs.asdict(self), **changes}, ServiceEntry)
 
     def stamped(self, *, create_revision: int, mod_revision: int, updated_at: float) -> ServiceEntry:
         """A copy carrying the registry's bookkeeping; skips re-validating the content.
 
-        The registry stamps every write; re-running every validator for three
-        integers it computed itself would be most of the cost of a write.
+        The registry stamps every write; re-running every check for three numbers it
+        computed itself would be most of the cost of a write.
         """
-        _validate_revision(create_revision, "create_revision")
-        _validate_revision(mod_revision, "mod_revision")
-        copy = object.__new__(ServiceEntry)
-        for slot in _CONTENT_SLOTS:
-            slot.__set__(copy, slot.__get__(self))
-        _REVISION_SLOTS[0].__set__(copy, create_revision)
-        _REVISION_SLOTS[1].__set__(copy, mod_revision)
-        _REVISION_SLOTS[2].__set__(copy, float(updated_at))
-        return copy
+        given = {"create_revision": create_revision, "mod_revision": mod_revision, "updated_at": updated_at}
+        stamped = copy.copy(self)  # a shallow copy does not run __post_init__
+        for name, value in convert(given, _BOOKKEEPING).items():
+            force_setattr(stamped, name, value)
+        return stamped
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -520,63 +388,34 @@ class ServiceEntry:
         return record
 
     @classmethod
-    def from_dict(cls, data: object) -> ServiceEntry:
-        """Build an entry from its wire/store form; unknown fields are refused."""
-        mapping = _require_mapping(data, "service")
-        _check_keys(mapping, SERVICE_FIELDS, "service")
-        missing = [name for name in ("service_name", "host_id", "location", "network_info") if name not in mapping]
-        if missing:
-            raise ValidationError(f"service is missing required field(s): {', '.join(missing)}", field=missing[0])
-        if None in (mapping.get(key, 0) for key in _DEFAULTED):
-            mapping = {key: value for key, value in mapping.items() if value is not None or key not in _DEFAULTED}
-        return cls(**mapping)
+    def from_dict(cls, data: object, *, path: str = "") -> ServiceEntry:
+        """Build an entry from its wire/store form; unknown fields are refused.
+
+        ``null`` for a field with a default (state, endpoints, tags, metadata, revisions)
+        means that default, as older clients send it.
+        """
+        if isinstance(data, Mapping) and any(data.get(name, 0) is None for name in _DEFAULTED):
+            data = {key: value for key, value in data.items() if value is not None or key not in _DEFAULTED}
+        return convert(data, cls, path=path)
 
 
-SERVICE_FIELDS = frozenset(ServiceEntry.__dataclass_fields__)
+SERVICE_FIELDS: Final = frozenset(ServiceEntry.__struct_fields__)
 BOOKKEEPING_FIELDS: Final = frozenset({"create_revision", "mod_revision", "updated_at"})
 """Set by the registry on every write; a caller's values are ignored."""
-CONTENT_FIELDS: Final = tuple(name for name in ServiceEntry.__dataclass_fields__ if name not in BOOKKEEPING_FIELDS)
+CONTENT_FIELDS: Final = tuple(name for name in ServiceEntry.__struct_fields__ if name not in BOOKKEEPING_FIELDS)
 """What a caller says about an instance: an update that changes none of these is a heartbeat."""
-_REQUIRED_FIELDS = frozenset({"service_name", "host_id", "location", "network_info"})
-# (slot descriptor, field name, default) for every field, in declaration order.
-_SLOT_DEFAULTS = tuple(
-    (
-        getattr(ServiceEntry, name),
-        name,
-        spec.default_factory() if spec.default_factory is not MISSING else spec.default,
-    )
-    for name, spec in ServiceEntry.__dataclass_fields__.items()
+# The bookkeeping fields with their annotations, to check what stamped() is given.
+_BOOKKEEPING: Final = cast(
+    "type[dict[str, Any]]",
+    TypedDict(  # type: ignore[operator]
+        "_Bookkeeping",
+        {info.name: info.type for info in msgspec.structs.fields(ServiceEntry) if info.name in BOOKKEEPING_FIELDS},
+    ),
 )
-
-
-def entry_from_record(data: object) -> ServiceEntry:
-    """:meth:`ServiceEntry.from_dict` for the store's own records, about twice as fast.
-
-    Loading a large store is dominated by building entries: this skips the keyword
-    packing and the dataclass ``__init__`` and fills the slots directly, then runs the
-    same validation (``__post_init__``). Anything unusual takes the ``from_dict`` path,
-    which produces the precise error.
-    """
-    if type(data) is not dict or not data.keys() <= SERVICE_FIELDS or not data.keys() >= _REQUIRED_FIELDS:
-        return ServiceEntry.from_dict(data)
-    entry = object.__new__(ServiceEntry)
-    get = data.get
-    for slot, name, default in _SLOT_DEFAULTS:
-        value = get(name, default)
-        slot.__set__(entry, default if value is None and name in _DEFAULTED else value)
-    entry.__post_init__()
-    return entry
-
-
-# The slot descriptors, to copy an entry without the frozen __setattr__ (see stamped()).
-_CONTENT_SLOTS = tuple(
-    getattr(ServiceEntry, name)
-    for name in ServiceEntry.__dataclass_fields__
-    if name not in ("create_revision", "mod_revision", "updated_at")
+# Fields where null on the wire means "the default": those whose default is not null.
+_DEFAULTED: Final = tuple(
+    info.name for info in msgspec.structs.fields(ServiceEntry) if info.default not in (msgspec.NODEFAULT, None)
 )
-_REVISION_SLOTS = (ServiceEntry.create_revision, ServiceEntry.mod_revision, ServiceEntry.updated_at)
-# Fields where null on the wire means "the default" (the others take null as a value).
-_DEFAULTED = ("state", "endpoints", "tags", "metadata", "create_revision", "mod_revision")
 
 
 @dataclass(frozen=True, slots=True)
@@ -591,6 +430,23 @@ class EndpointRecord:
     port: int
     location: Location
     state: ServiceState
+
+    @classmethod
+    def of(cls, entry: ServiceEntry) -> list[EndpointRecord]:
+        """One record per endpoint of ``entry``."""
+        return [
+            cls(
+                entry.service_name,
+                entry.host_id,
+                endpoint.name,
+                endpoint.protocol,
+                entry.network_info.ip,
+                endpoint.port,
+                entry.location,
+                entry.state,
+            )
+            for endpoint in entry.endpoints
+        ]
 
     @property
     def address(self) -> str:

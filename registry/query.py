@@ -10,7 +10,7 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
-from .model import Location, ServiceEntry, ServiceState
+from .model import ConvertingMeta, Location, ServiceEntry, ServiceState
 from .schema import convert
 
 __all__ = ["QUERY_FIELDS", "ServiceQuery"]
@@ -18,7 +18,9 @@ __all__ = ["QUERY_FIELDS", "ServiceQuery"]
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
 
 
-class ServiceQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+class ServiceQuery(
+    msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid_unknown_fields=True, omit_defaults=True
+):
     """Which instances to select; every given field must match (all of them: AND)."""
 
     service_name: _Name | None = None
@@ -41,14 +43,34 @@ class ServiceQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
             return value
         return convert(value, cls, path=path)
 
-    def matches(self, entry: ServiceEntry) -> bool:
+    def matches(self, entry: ServiceEntry | Mapping[str, Any]) -> bool:
+        """Whether an entry, or its wire form (an event's ``data["service"]``), is selected."""
+        if isinstance(entry, ServiceEntry):
+            name, host, location, state, tags = (
+                entry.service_name,
+                entry.host_id,
+                entry.location,
+                entry.state,
+                entry.tags,
+            )
+            network = entry.network_info.network
+        else:
+            name, host, location, state, tags = (
+                entry["service_name"],
+                entry["host_id"],
+                entry["location"],
+                entry["state"],
+                entry["tags"],
+            )
+            network = entry["network_info"].get("network")
+        # Location and ServiceState are StrEnums: a member equals its wire string.
         return (
-            (self.service_name is None or entry.service_name == self.service_name)
-            and (self.host_id is None or entry.host_id == self.host_id)
-            and (self.location is None or entry.location is self.location)
-            and (self.state is None or entry.state is self.state)
-            and (self.network is None or entry.network_info.network == self.network)
-            and (self.tag is None or self.tag in entry.tags)
+            (self.service_name is None or name == self.service_name)
+            and (self.host_id is None or host == self.host_id)
+            and (self.location is None or location == self.location)
+            and (self.state is None or state == self.state)
+            and (self.network is None or network == self.network)
+            and (self.tag is None or self.tag in tags)
         )
 
     @property

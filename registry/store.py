@@ -32,13 +32,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from queue import Empty, Queue
-from typing import Any, Final
+from typing import Any, Final, TypeVar, overload
 
+import msgspec
 from sqlitedict import SqliteDict, SqliteMultithread
 
-from .exceptions import StoreError
+from .exceptions import StoreError, ValidationError
+from .schema import decode_json
 
 __all__ = ["SCHEMA_VERSION", "TABLES", "MemoryStore", "SqliteStore", "Store"]
+
+T = TypeVar("T")
 
 TABLES: Final = ("services", "allocations", "events", "meta")
 SCHEMA_VERSION: Final = 1
@@ -76,9 +80,14 @@ class Store(ABC):
     def delete_below(self, table: str, key: str) -> None:
         """Remove every key that sorts before ``key`` (used to trim the event log)."""
 
+    @overload
+    def scan(self, table: str) -> Iterator[tuple[str, Any]]: ...
+    @overload
+    def scan(self, table: str, *, as_type: type[T]) -> Iterator[tuple[str, T]]: ...
     @abstractmethod
-    def scan(self, table: str) -> Iterator[tuple[str, Any]]:
-        """Every ``(key, value)`` of the table, in key order."""
+    def scan(self, table: str, *, as_type: type[T] | None = None) -> Iterator[tuple[str, Any]]:
+        """Every ``(key, value)`` of the table, in key order; with ``as_type`` each value is
+        decoded straight into that type (a msgspec struct), or a StoreError names the row."""
 
     @abstractmethod
     def commit(self) -> None:
@@ -147,11 +156,11 @@ class MemoryStore(Store):
             for old in [existing for existing in rows if existing < key]:
                 del rows[old]
 
-    def scan(self, table: str) -> Iterator[tuple[str, Any]]:
+    def scan(self, table: str, *, as_type: type[T] | None = None) -> Iterator[tuple[str, Any]]:
         with self._lock:
             rows = sorted(self._table(table).items())
-        for key, value in rows:
-            yield key, json.loads(value)
+        for start in range(0, len(rows), _SCAN_BATCH):
+            yield from _decode_rows(rows[start : start + _SCAN_BATCH], as_type, f"table {table!r}")
 
     def commit(self) -> None:
         if self._closed:
@@ -168,6 +177,25 @@ class MemoryStore(Store):
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
+def _decode_rows(rows: list[tuple[str, str]], as_type: type[T] | None, where: str) -> list[tuple[str, Any]]:
+    """Decode a batch of rows with one call (loading a large store is dominated by this)."""
+    document = "[" + ",".join(row[1] for row in rows) + "]"
+    if as_type is None:
+        values = json.loads(document)
+    else:
+        try:
+            values = msgspec.json.decode(document, type=list[as_type])  # type: ignore[valid-type]
+        except msgspec.ValidationError:
+            # Find the bad row again on its own, for an error naming the row and the field.
+            for key, raw in rows:
+                try:
+                    decode_json(raw, as_type)
+                except ValidationError as exc:
+                    raise StoreError(f"{where} holds an invalid record {key!r}: {exc.message}") from None
+            raise
+    return list(zip((row[0] for row in rows), values, strict=True))
+
+
 def _encode(value: Any) -> str:
     try:
         return _ENCODER.encode(value)
@@ -175,7 +203,7 @@ def _encode(value: Any) -> str:
         raise StoreError(f"value cannot be stored as JSON: {exc}") from None
 
 
-class _SharedConnectionTable(SqliteDict):
+class _SharedConnectionTable(SqliteDict):  # type: ignore[misc]  # sqlitedict has no type hints
     """A sqlitedict table that runs on the store's one shared worker connection.
 
     The store owns the connection: closing (or garbage-collecting) one table must
@@ -326,10 +354,10 @@ class SqliteStore(Store):
                     tuple(item for row in chunk for item in row),
                 )
             for start in range(0, len(gone), _ROWS_PER_STATEMENT):
-                chunk = gone[start : start + _ROWS_PER_STATEMENT]
-                self._conn.execute(f'DELETE FROM "{table}" WHERE key IN ({",".join(["?"] * len(chunk))})', tuple(chunk))
+                keys = gone[start : start + _ROWS_PER_STATEMENT]
+                self._conn.execute(f'DELETE FROM "{table}" WHERE key IN ({",".join(["?"] * len(keys))})', tuple(keys))
 
-    def scan(self, table: str) -> Iterator[tuple[str, Any]]:
+    def scan(self, table: str, *, as_type: type[T] | None = None) -> Iterator[tuple[str, Any]]:
         """Every row, in key order, as of now (pending writes are committed first).
 
         Reads go through a separate read-only connection in batches rather than
@@ -345,10 +373,10 @@ class SqliteStore(Store):
         try:
             cursor = reader.execute(f'SELECT key, value FROM "{table}" ORDER BY key')
             while rows := cursor.fetchmany(_SCAN_BATCH):
-                # One json.loads per batch instead of per row.
-                values = json.loads("[" + ",".join(row[1] for row in rows) + "]")
-                yield from zip((row[0] for row in rows), values, strict=True)
-        except (sqlite3.Error, ValueError, TypeError) as exc:
+                yield from _decode_rows(rows, as_type, f"store {self._path}: table {table!r}")
+        except StoreError:
+            raise
+        except (sqlite3.Error, ValueError, TypeError, msgspec.DecodeError) as exc:
             raise StoreError(f"store {self._path}: table {table!r} cannot be read: {exc}") from None
         finally:
             reader.close()

@@ -387,7 +387,7 @@ def test_lookup_and_module_errors_are_clear(seeded: Registry, tmp_path: Path) ->
         """,
     )
     result = ansible("ansible-playbook", str(bad_input), env=seeded.env, check=False)
-    assert result.returncode != 0 and "name: service_name 'Bad_Name' is invalid" in result.stdout
+    assert result.returncode != 0 and "name: 'Bad_Name' is invalid" in result.stdout
 
     # Not the repository's registry inventory: it would fail first, with the same token.
     local = write(tmp_path / "local.ini", "localhost ansible_connection=local\n")

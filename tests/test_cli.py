@@ -118,7 +118,7 @@ def test_client_commands_end_to_end(server: Server) -> None:
     missing = run("services", "get", "ghost", env=env, check=False)
     assert missing.returncode == 3 and "'ghost' is not registered" in missing.stderr
     bad = run("services", "register", "Bad_Name", "--host", "h", "--ip", "10.0.0.1", env=env, check=False)
-    assert bad.returncode == 2 and "service_name 'Bad_Name'" in bad.stderr
+    assert bad.returncode == 2 and "service_name: 'Bad_Name' is invalid" in bad.stderr
     allocation = json.loads(run("ip", "allocate", "web-1", "local", "--json", env=env).stdout)
     assert allocation["network"] == "local"
     assert json.loads(run("ip", "list", "--json", env=env).stdout) == [allocation]

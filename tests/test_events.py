@@ -40,7 +40,9 @@ def test_event_types_select_what_arrives(registry: Registry) -> None:
 
 
 def test_unknown_event_type_is_refused(registry: Registry) -> None:
-    with pytest.raises(ValidationError, match="unknown event type 'ServiceExploded'"):
+    with pytest.raises(
+        ValidationError, match=r"events\[0\]: must be one of ServiceRegistered, .*, got 'ServiceExploded'"
+    ):
         registry.subscribe(["ServiceExploded"])
 
 
@@ -52,7 +54,7 @@ def test_filters(registry: Registry) -> None:
     registry.add_or_update(make_entry("web", "h2"))
     assert [e.data["service"]["host_id"] for e in iter(web_only.get_nowait, None)] == ["h1", "h2"]
     assert [e.data["service"]["service_name"] for e in iter(on_h2.get_nowait, None)] == ["db"]
-    with pytest.raises(ValidationError, match="unknown filter field"):
+    with pytest.raises(ValidationError, match=r"filter\.colour: unknown field"):
         registry.subscribe(filter={"colour": "red"})
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from registry import Endpoint, Location, NetworkInfo, ServiceEntry, ServiceState, ValidationError
+from registry.schema import decode_json
 
 from .helpers import make_entry
 
@@ -68,27 +71,27 @@ def test_from_dict_accepts_the_seed_example_verbatim() -> None:
         ({"network_info": {"ip": "127.0.0.1", "hostname": "bad_host!"}}, "network_info.hostname", "bad_host!"),
         ({"network_info": {"ip": "127.0.0.1", "netmask": "x"}}, "network_info.netmask", "netmask"),
         ({"network_info": {}}, "network_info.ip", "required"),
-        ({"endpoints": [{"name": "db", "port": 0}]}, "endpoints.port", "port 0"),
-        ({"endpoints": [{"name": "db", "port": 65536}]}, "endpoints.port", "65536"),
-        ({"endpoints": [{"name": "db", "port": "80"}]}, "endpoints.port", "'80'"),
-        ({"endpoints": [{"name": "db", "port": True}]}, "endpoints.port", "True"),
-        ({"endpoints": [{"name": "db", "port": 1, "protocol": "sctp"}]}, "endpoints.protocol", "'sctp'"),
-        ({"endpoints": [{"name": "Db!", "port": 1}]}, "endpoints.name", "'Db!'"),
+        ({"endpoints": [{"name": "db", "port": 0}]}, "endpoints[0].port", ">= 1, got 0"),
+        ({"endpoints": [{"name": "db", "port": 65536}]}, "endpoints[0].port", "65536"),
+        ({"endpoints": [{"name": "db", "port": "80"}]}, "endpoints[0].port", "'80'"),
+        ({"endpoints": [{"name": "db", "port": True}]}, "endpoints[0].port", "True"),
+        ({"endpoints": [{"name": "db", "port": 1, "protocol": "sctp"}]}, "endpoints[0].protocol", "'sctp'"),
+        ({"endpoints": [{"name": "Db!", "port": 1}]}, "endpoints[0].name", "'Db!'"),
         ({"endpoints": [{"name": "db", "port": 1}, {"name": "db", "port": 2}]}, "endpoints", "used twice"),
-        ({"endpoints": [{"port": 1}]}, "endpoints", "both 'name' and 'port'"),
-        ({"endpoints": "db:5432"}, "endpoints", "must be a list"),
-        ({"tags": "web"}, "tags", "list of strings"),
-        ({"tags": [""]}, "tags", "1-255"),
+        ({"endpoints": [{"port": 1}]}, "endpoints[0].name", "is required"),
+        ({"endpoints": "db:5432"}, "endpoints", "must be an array"),
+        ({"tags": "web"}, "tags", "must be an array"),
+        ({"tags": [""]}, "tags[0]", "length >= 1"),
         ({"metadata": {"k": 1}}, "metadata.k", "must be a string"),
         ({"metadata": {"bad key": "v"}}, "metadata", "'bad key'"),
         ({"metadata": ["a"]}, "metadata", "must be an object"),
-        ({"ttl_seconds": 0}, "ttl_seconds", "out of range"),
-        ({"ttl_seconds": -5}, "ttl_seconds", "out of range"),
-        ({"ttl_seconds": float("nan")}, "ttl_seconds", "out of range"),
-        ({"ttl_seconds": "10"}, "ttl_seconds", "number of seconds"),
-        ({"deregister_after_seconds": 1e9}, "deregister_after_seconds", "out of range"),
-        ({"version": ""}, "version", "1-128"),
-        ({"mod_revision": -1}, "mod_revision", "non-negative"),
+        ({"ttl_seconds": 0}, "ttl_seconds", "> 0.0, got 0"),
+        ({"ttl_seconds": -5}, "ttl_seconds", "> 0.0, got -5"),
+        ({"ttl_seconds": float("nan")}, "ttl_seconds", "> 0.0, got nan"),
+        ({"ttl_seconds": "10"}, "ttl_seconds", "got '10'"),
+        ({"deregister_after_seconds": 1e9}, "deregister_after_seconds", "<= 604800.0"),
+        ({"version": ""}, "version", "length >= 1"),
+        ({"mod_revision": -1}, "mod_revision", ">= 0, got -1"),
         ({"surprise": 1}, "surprise", "unknown field"),
     ],
 )
@@ -103,7 +106,7 @@ def test_bad_input_names_field_and_value(changes: dict[str, object], field: str,
 
 
 def test_missing_required_fields_are_named() -> None:
-    with pytest.raises(ValidationError, match=r"missing required field.*host_id.*location"):
+    with pytest.raises(ValidationError, match=r"^host_id: is required$"):
         ServiceEntry.from_dict({"service_name": "x", "network_info": {"ip": "127.0.0.1"}})
     with pytest.raises(ValidationError, match="must be an object"):
         ServiceEntry.from_dict(["not", "a", "dict"])
@@ -121,6 +124,9 @@ def test_entries_are_immutable() -> None:
         entry.state = ServiceState.FAILED  # type: ignore[misc]
     with pytest.raises(TypeError):
         entry.metadata["x"] = "y"  # type: ignore[index]
+    with pytest.raises(TypeError):
+        entry.metadata.update(x="y")  # type: ignore[attr-defined]
+    assert copy.deepcopy(entry) == entry
 
 
 def test_duplicate_tags_are_folded_in_order() -> None:
@@ -154,27 +160,70 @@ def test_json_round_trip_is_exact(entry: ServiceEntry) -> None:
     assert ServiceEntry.from_dict(wire) == entry
 
 
-def test_entry_from_record_matches_from_dict_and_its_errors() -> None:
-    from registry.model import entry_from_record
-
+def test_records_decode_straight_into_entries_with_the_same_errors() -> None:
     entry = make_entry("api", "h1", tags=("a", "b"), metadata={"k": "v"}).stamped(
         create_revision=3, mod_revision=5, updated_at=12.5
     )
-    assert entry_from_record(entry.to_record()) == entry
-    assert entry_from_record(entry.to_dict()) == entry
     record = entry.to_record()
     assert "ttl_seconds" not in record and "hostname" not in record["network_info"]
+    assert msgspec.json.decode(json.dumps(record), type=ServiceEntry) == entry
+    assert decode_json(json.dumps(entry.to_dict()), ServiceEntry) == entry
     for bad, field_name in (
         ({**record, "service_name": "Bad_Name"}, "service_name"),
-        ({**record, "surprise": 1}, None),
+        ({**record, "surprise": 1}, "surprise"),
         ({key: value for key, value in record.items() if key != "host_id"}, "host_id"),
         ({**record, "state": "dancing"}, "state"),
         ({**record, "network_info": {"ip": "999.1.1.1"}}, "network_info.ip"),
+        ({**record, "endpoints": [{"name": "x", "port": 1}, {"name": "x", "port": 2}]}, "endpoints"),
     ):
         with pytest.raises(ValidationError) as caught:
-            entry_from_record(bad)
+            decode_json(json.dumps(bad), ServiceEntry)
         with pytest.raises(ValidationError) as expected:
             ServiceEntry.from_dict(bad)
         assert caught.value.message == expected.value.message
-        if field_name is not None:
-            assert caught.value.field == field_name
+        assert caught.value.field == expected.value.field == field_name
+
+
+def test_calling_a_class_converts_plain_values_like_decoding() -> None:
+    entry = ServiceEntry(
+        "api",
+        "h1",
+        "lan",  # type: ignore[arg-type]
+        {"ip": "10.0.0.1"},  # type: ignore[arg-type]
+        endpoints=[{"name": "http", "port": 80}],  # type: ignore[arg-type]
+        tags=["a"],  # type: ignore[arg-type]
+        ttl_seconds=5,
+    )
+    assert entry.location is Location.LAN and entry.network_info == NetworkInfo("10.0.0.1")
+    assert entry.endpoints == (Endpoint("http", 80),) and entry.tags == ("a",) and entry.ttl_seconds == 5.0
+    assert ServiceEntry.from_dict(entry.to_dict()) == entry
+    with pytest.raises(ValidationError) as caught:
+        ServiceEntry("api", "h1", Location.LAN, NetworkInfo("10.0.0.1"), endpoints=[{"name": "x", "port": 0}])  # type: ignore[arg-type]
+    assert (caught.value.field, caught.value.message) == (
+        "endpoints[0].port",
+        "endpoints[0].port: must be an integer >= 1, got 0",
+    )
+    with pytest.raises(ValidationError, match=r"^port: must be an integer <= 65535, got 70000$"):
+        Endpoint("x", 70000)
+    with pytest.raises(ValidationError, match=r"^network_info\.ip: location 'lan' cannot use the loopback"):
+        entry.evolve(network_info=NetworkInfo("127.0.0.1"))
+
+
+def test_a_rule_broken_inside_a_nested_struct_names_the_whole_path() -> None:
+    data = seed_entry().to_dict()
+    data["network_info"]["hostname"] = "bad_host!"
+    with pytest.raises(ValidationError) as caught:
+        ServiceEntry.from_dict(data, path="params.service")
+    assert caught.value.field == "params.service.network_info.hostname"
+    assert caught.value.message == "params.service.network_info.hostname: 'bad_host!' is not a valid DNS hostname"
+
+
+def test_entries_encode_straight_to_json() -> None:
+    entry = make_entry(metadata={"team": "core"}, tags=("a",))
+    assert msgspec.json.decode(msgspec.json.encode(entry)) == entry.to_dict()
+    assert msgspec.json.decode(msgspec.json.encode(entry), type=ServiceEntry) == entry
+
+
+def test_null_means_the_default_on_the_wire() -> None:
+    data = seed_entry().to_dict() | {"state": None, "endpoints": None, "tags": None, "metadata": None}
+    assert ServiceEntry.from_dict(data) == seed_entry().evolve(endpoints=())

@@ -205,7 +205,9 @@ async def test_error_codes(tmp_path: Path, pki: Pki, tokens) -> None:
         async with await running.client() as client:
             with pytest.raises(ServiceNotFound, match="'ghost' is not registered"):
                 await client.get_service("ghost")
-            with pytest.raises(ValidationError, match="location 'moon'") as caught:
+            with pytest.raises(
+                ValidationError, match="location: must be one of local, lan, wireguard, got 'moon'"
+            ) as caught:
                 await client.register_service(make_entry().to_dict() | {"location": "moon"})
             assert caught.value.field == "params.service.location"
             with pytest.raises(ValidationError, match="in the lan network 'production'"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from registry import MemoryStore, Registry, SqliteStore, Store, StoreError
+from registry import MemoryStore, Registry, ServiceEntry, SqliteStore, Store, StoreError
 
 from .helpers import make_entry
 
@@ -265,3 +265,13 @@ def test_many_rows_in_one_commit(store: Store) -> None:
     store.commit()
     rows = list(store.scan("allocations"))
     assert len(rows) == 1250 and rows[0] == ("k00001", {"n": 1}) and rows[-1] == ("k02499", {"n": 2499})
+
+
+def test_typed_scan_decodes_entries_and_names_a_bad_row(store: Store) -> None:
+    entry = make_entry("api", "h1")
+    store.put("services", "api/h1", entry.to_record())
+    store.put("services", "bad/h2", make_entry("bad", "h2").to_record() | {"endpoints": [{"name": "x", "port": 0}]})
+    with pytest.raises(StoreError, match=r"invalid record 'bad/h2': endpoints\[0\]\.port: must be an integer >= 1"):
+        list(store.scan("services", as_type=ServiceEntry))
+    store.delete("services", "bad/h2")
+    assert list(store.scan("services", as_type=ServiceEntry)) == [("api/h1", entry)]

@@ -142,9 +142,13 @@ _FIELD_OPTIONS = {
 
 
 def _option_message(exc: Any) -> str:
+    """The model's message with its field path spoken as the module's option (``name``, ``endpoints[0].port``)."""
     field = getattr(exc, "field", None) or ""
-    option = _FIELD_OPTIONS.get(field, field.split(".")[0])
-    return "%s: %s" % (option, exc.message) if option else exc.message
+    message = exc.message
+    if field and message.startswith(field + ": "):
+        message = message[len(field) + 2 :]
+    option = _FIELD_OPTIONS.get(field, field)
+    return "%s: %s" % (option, message) if option else message
 
 
 def _current_service(client: Any, name: str, host: str) -> dict[str, Any] | None:

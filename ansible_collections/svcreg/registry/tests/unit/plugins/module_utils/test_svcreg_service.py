@@ -104,9 +104,12 @@ def test_absent_removes_once() -> None:
     ("given", "message"),
     [
         ({}, "ip is required to register a new instance of 'api-server'"),
-        ({"ip": "not-an-ip"}, "ip: network_info.ip 'not-an-ip' is not a valid IP address"),
-        ({"ip": "10.0.0.1", "name": "Bad_Name"}, "name: service_name 'Bad_Name' is invalid"),
-        ({"ip": "10.0.0.1", "endpoints": [{"name": "http", "port": 70000}]}, "port 70000 is out of range"),
+        ({"ip": "not-an-ip"}, "ip: 'not-an-ip' is not a valid IP address"),
+        ({"ip": "10.0.0.1", "name": "Bad_Name"}, "name: 'Bad_Name' is invalid"),
+        (
+            {"ip": "10.0.0.1", "endpoints": [{"name": "http", "port": 70000}]},
+            r"endpoints\[0\]\.port: must be an integer <= 65535, got 70000",
+        ),
     ],
 )
 def test_bad_input_names_the_option(given: dict[str, Any], message: str) -> None:
