@@ -129,10 +129,10 @@ def test_build_output_inside_the_source_is_refused(tmp_path: Path) -> None:
     ("extra", "message"),
     [
         ("health: {tcp: 80, command: x}\n", "exactly one of"),
-        ("health: {tcp: 70000}\n", "not a port"),
+        ("health: {tcp: 70000}\n", "health.tcp: must be an integer <= 65535"),
         ("health: {tcp: 80, timeout: -1}\n", "health.timeout"),
         ("env: {SVCREG_X: a}\n", "reserved"),
-        ("env: {'1BAD': a}\n", "not a valid variable name"),
+        ("env: {'1BAD': a}\n", "not a valid environment variable name"),
         ("env: {A: [1]}\n", "default must be"),
         ("endpoints: [{name: a, port: 1}, {name: a, port: 2}]\n", "appear twice"),
         ("start: /bin/sh\n", "absolute path"),
@@ -150,7 +150,7 @@ def test_resolve_env_defaults_overrides_and_errors(tmp_path: Path) -> None:
     manifest = inspect_package(path).manifest
     assert resolve_env(manifest, {"TOKEN": "s3cret"}) == {"PORT": "8080", "TOKEN": "s3cret"}
     assert resolve_env(manifest, {"TOKEN": "x", "PORT": 9}) == {"PORT": "9", "TOKEN": "x"}
-    with pytest.raises(ValidationError, match=r"needs env variable.*TOKEN"):
+    with pytest.raises(ValidationError, match=r"needs environment variables without a default: TOKEN"):
         resolve_env(manifest, {})
     with pytest.raises(ValidationError, match=r"does not declare env variable.*TOKN"):
         resolve_env(manifest, {"TOKN": "s3cret"})
