@@ -121,7 +121,9 @@ CORPUS: list[BadPackage] = [
     BadPackage("dotdot", _with(_file("bin/../../evil", b"x")), "'..' path component"),
     BadPackage("dotdot-leading", _with(_file("../evil", b"x")), "'..' path component"),
     BadPackage(
-        "symlink-absolute", _with(_special("bin/passwd", tarfile.SYMTYPE, linkname="/etc/passwd")), "absolute symlink target"
+        "symlink-absolute",
+        _with(_special("bin/passwd", tarfile.SYMTYPE, linkname="/etc/passwd")),
+        "absolute symlink target",
     ),
     BadPackage(
         "symlink-outside",

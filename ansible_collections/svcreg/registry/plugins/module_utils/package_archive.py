@@ -20,7 +20,7 @@ import os
 import shutil
 import tarfile
 import zlib
-from typing import IO, Callable
+from collections.abc import Callable
 
 __all__ = [
     "DEFAULT_MAX_MEMBERS",
@@ -106,7 +106,7 @@ def copy_verified(src: str, dest: str, checksum: str) -> None:
 class _BoundedReader:
     """A read-only stream over the decompressed archive that refuses to yield more than ``budget`` bytes."""
 
-    def __init__(self, stream: IO[bytes], budget: int, archive: str) -> None:
+    def __init__(self, stream: gzip.GzipFile, budget: int, archive: str) -> None:
         self._stream = stream
         self._left = budget
         self._archive = archive
@@ -202,7 +202,9 @@ class _Checker:
             kind = HARDLINK
             target = member_path(member.linkname, "%s: hard link target %r" % (what, member.linkname), path)
             if kinds.get(target) not in (FILE, HARDLINK):
-                raise ArchiveError("%s: hard link target %r is not an earlier file member" % (what, member.linkname), path)
+                raise ArchiveError(
+                    "%s: hard link target %r is not an earlier file member" % (what, member.linkname), path
+                )
         kinds[path] = kind
         self.contents.modes[path] = member.mode
         self.parents.update(_ancestors(path))
@@ -257,7 +259,9 @@ def _walk(
                         handle(tar, member, path)
         checker.finish()
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
-        raise ArchiveError("%s is not a valid .tar.gz: %s" % (checker.archive, error)) from None
+        raise ArchiveError(
+            "%s is not a valid .tar.gz: not a readable gzip-compressed tar archive (%s)" % (checker.archive, error)
+        ) from None
     return checker
 
 

@@ -12,7 +12,8 @@ installed; ``registry.package`` imports it from here.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = [
     "ENV_NAME_PATTERN",
@@ -93,9 +94,12 @@ def env_name_problem(name: object) -> str | None:
     if not isinstance(name, str) or not _ENV_NAME.match(name):
         return "%r is not a valid environment variable name (letters, digits and '_')" % (name,)
     if name.startswith(RESERVED_ENV_PREFIX):
-        return "%r is not a valid environment variable name for a service: %s* names are reserved (the deployer sets them)" % (
-            name,
-            RESERVED_ENV_PREFIX,
+        return (
+            "%r is not a valid environment variable name for a service: %s* names are reserved (the deployer sets them)"
+            % (
+                name,
+                RESERVED_ENV_PREFIX,
+            )
         )
     return None
 

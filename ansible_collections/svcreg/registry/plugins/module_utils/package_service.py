@@ -8,6 +8,7 @@ Used by the ``package`` module, standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -17,6 +18,7 @@ import tempfile
 import time
 
 from ansible.module_utils.common.parameters import remove_values
+
 from ansible_collections.svcreg.registry.plugins.module_utils.package_release import DeployError
 
 __all__ = ["ScriptResult", "Service", "run_program", "script_failure"]
@@ -63,10 +65,8 @@ def run_program(argv, cwd, env, timeout):
             rc = process.wait(timeout=timeout)
             timed_out = False
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             process.wait()
             rc, timed_out = None, True
         return ScriptResult(rc, _read_tail(stdout), _read_tail(stderr), timed_out)
@@ -97,7 +97,7 @@ class Service:
         return environ
 
     def executable(self, directory, relative, what):
-        """The absolute path of a script of the release in ``directory``; fails unless it is an executable file there."""
+        """The absolute path of a script of the release in ``directory``; fails unless it is an executable file."""
         path = os.path.join(directory, relative)
         real_dir = os.path.realpath(directory)
         if os.path.commonpath([os.path.realpath(path), real_dir]) != real_dir:
@@ -150,7 +150,13 @@ class Service:
         if not result.ok:
             self.warn(
                 "stop script %s of %s %s %s; stderr: %s"
-                % (manifest["stop"], self.layout.name, version, script_failure(result, self.script_timeout), result.stderr)
+                % (
+                    manifest["stop"],
+                    self.layout.name,
+                    version,
+                    script_failure(result, self.script_timeout),
+                    result.stderr,
+                )
             )
 
     def probe(self, version, health, env, timeout):
@@ -200,12 +206,21 @@ class Service:
         started = self.start(version, manifest, env)
         if not started.ok:
             failure = "start script %s of %s %s %s" % (
-                manifest["start"], self.layout.name, version, script_failure(started, self.script_timeout))
+                manifest["start"],
+                self.layout.name,
+                version,
+                script_failure(started, self.script_timeout),
+            )
             return started, None, failure, started
         ok, detail, failed = self.health_check(version, manifest, env)
         health = {"ok": ok, "detail": detail}
         if ok is False:
-            return started, health, "health check of %s %s failed: %s" % (self.layout.name, version, detail), failed or started
+            return (
+                started,
+                health,
+                "health check of %s %s failed: %s" % (self.layout.name, version, detail),
+                failed or started,
+            )
         return started, health, None, None
 
 

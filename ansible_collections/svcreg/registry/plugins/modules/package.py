@@ -257,6 +257,7 @@ import re
 import shutil
 
 from ansible.module_utils.basic import AnsibleModule
+
 from ansible_collections.svcreg.registry.plugins.module_utils.package_archive import (
     ArchiveError,
     copy_verified,
@@ -419,24 +420,27 @@ class Deployment:
         finally:
             if unpacked is not None:
                 shutil.rmtree(unpacked, ignore_errors=True)
-        layout.write_release(version, {
-            "version": version,
-            "checksum": checksum,
-            "status": PENDING,
-            "deployed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
-            "manifest": manifest,
-        })
+        layout.write_release(
+            version,
+            {
+                "version": version,
+                "checksum": checksum,
+                "status": PENDING,
+                "deployed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
+                "manifest": manifest,
+            },
+        )
         layout.switch_current(version)
         started, health = self.activate(version, manifest, env, current, fallback, old_env_text)
         layout.set_status(version, GOOD)
         history = [entry for entry in layout.read_history() if entry != version]
-        layout.write_history(history + [version])
+        layout.write_history([*history, version])
         self.prune(version)
         return self.result(True, "deployed", version, current, health=health, start=started.as_dict())
 
     def previous_good(self, version, current):
         """The release to go back to if ``version`` fails: the current one if good, else the latest good in history."""
-        for candidate in [current] + self.layout.read_history()[::-1]:
+        for candidate in [current, *self.layout.read_history()[::-1]]:
             if candidate and candidate != version and self.layout.is_good(candidate):
                 return candidate
         return None
@@ -507,8 +511,9 @@ class Deployment:
                 failure += "; %s %s is current again" % (self.name, fallback)
             else:
                 failure += "; %s %s is current again but failed too: %s" % (self.name, fallback, rollback_error)
-        raise DeployError(failure, **self.failure_details(
-            version, previous, started, health, failed, fallback, rollback_error))
+        raise DeployError(
+            failure, **self.failure_details(version, previous, started, health, failed, fallback, rollback_error)
+        )
 
     def failure_details(self, version, previous, started, health, failed, rolled_back_to, rollback_error):
         return {
@@ -568,7 +573,9 @@ class Deployment:
             self.service.stop(current, env)
             layout.switch_current(target)
             fallback = current if (layout.read_release(current) or {}).get("manifest") else None
-            started, health = self.activate(target, layout.read_release(target)["manifest"], env, current, fallback, None)
+            started, health = self.activate(
+                target, layout.read_release(target)["manifest"], env, current, fallback, None
+            )
             layout.remove_release(current)
             layout.write_history([v for v in history if v not in (current, target)] + [target])
             return self.result(True, "rolled_back", target, current, health=health, start=started.as_dict())
