@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from ansible_collections.svcreg.registry.plugins.module_utils.package_format import name_problem
 from registry.exceptions import PackageError, ValidationError
+from registry.model import validate_service_name
 from registry.package import Limits, build_package, inspect_package, resolve_env
 
 from .package_corpus import CORPUS, BadPackage, base_members, manifest_text, write_package
@@ -167,3 +169,30 @@ def _copy_example(tmp_path: Path) -> Path:
     target = tmp_path / "src" / "hello"
     shutil.copytree(EXAMPLE, target, symlinks=True)
     return target
+
+
+@pytest.mark.parametrize(
+    "name", ["api", "api-server", "a" * 63, "a" * 64, "Api", "api_server", "-api", "api-", "", "api.v2", "api\n"]
+)
+def test_package_names_are_service_names(name: str) -> None:
+    """The package name rule (module_utils/package_format, applied on the target too) is the service-name rule."""
+    try:
+        validate_service_name(name)
+    except ValidationError:
+        service_name_ok = False
+    else:
+        service_name_ok = True
+    assert (name_problem(name) is None) is service_name_ok
+
+
+def test_a_root_directory_entry_is_fine_as_on_the_host(tmp_path: Path) -> None:
+    """``tar -C dir .`` writes ``./`` and ``./name`` members; the host's checks accept them, so the controller does."""
+    root = tarfile.TarInfo("./")
+    root.type = tarfile.DIRTYPE
+    root.mode = 0o755
+    members = [(root, b"")]
+    for info, data in _valid_members():
+        info.name = "./" + info.name
+        members.append((info, data))
+    package = inspect_package(write_package(tmp_path, members))
+    assert {"manifest.yaml", "scripts/start.sh"} <= set(package.members)

@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+from typing import Any
 
 __all__ = [
     "FAILED",
@@ -37,7 +38,7 @@ PENDING = "pending"
 class DeployError(Exception):
     """A failure reported with ``fail_json``: ``msg`` names what was wrong, ``details`` are extra result keys."""
 
-    def __init__(self, msg, **details):
+    def __init__(self, msg: str, **details: Any) -> None:
         super().__init__(msg)
         self.msg = msg
         self.details = details
@@ -46,7 +47,7 @@ class DeployError(Exception):
 class Layout:
     """The paths under ``<install_base>/<name>`` and the small JSON files kept there."""
 
-    def __init__(self, install_base, name):
+    def __init__(self, install_base: str, name: str) -> None:
         self.name = name
         self.base = os.path.join(install_base, name)
         self.releases = os.path.join(self.base, "releases")
@@ -57,19 +58,19 @@ class Layout:
         self.history_file = os.path.join(self.base, ".svcreg-history.json")
         self.lock_file = os.path.join(self.base, ".lock")
 
-    def release_dir(self, version):
+    def release_dir(self, version: str) -> str:
         return os.path.join(self.releases, version)
 
-    def package_path(self, version):
+    def package_path(self, version: str) -> str:
         return os.path.join(self.packages, "%s-%s.tar.gz" % (self.name, version))
 
-    def current_version(self):
+    def current_version(self) -> str | None:
         try:
             return os.path.basename(os.readlink(self.current).rstrip("/"))
         except OSError:
             return None
 
-    def read_release(self, version):
+    def read_release(self, version: str) -> dict[str, Any] | None:
         """The release's metadata, or None when it is not installed (or its metadata is unreadable)."""
         try:
             with open(os.path.join(self.release_dir(version), RELEASE_METADATA)) as stream:
@@ -78,20 +79,20 @@ class Layout:
             return None
         return metadata if isinstance(metadata, dict) else None
 
-    def is_good(self, version):
+    def is_good(self, version: str) -> bool:
         metadata = self.read_release(version)
         return metadata is not None and metadata.get("status") == GOOD
 
-    def write_release(self, version, metadata):
+    def write_release(self, version: str, metadata: dict[str, Any]) -> None:
         write_atomic(os.path.join(self.release_dir(version), RELEASE_METADATA), json.dumps(metadata, indent=2), 0o644)
 
-    def set_status(self, version, status):
+    def set_status(self, version: str, status: str) -> None:
         metadata = self.read_release(version)
         if metadata is not None:
             metadata["status"] = status
             self.write_release(version, metadata)
 
-    def read_history(self):
+    def read_history(self) -> list[str]:
         try:
             with open(self.history_file) as stream:
                 history = json.load(stream)
@@ -99,17 +100,17 @@ class Layout:
             return []
         return [version for version in history if isinstance(version, str)] if isinstance(history, list) else []
 
-    def write_history(self, history):
+    def write_history(self, history: list[str]) -> None:
         write_atomic(self.history_file, json.dumps(history), 0o644)
 
-    def read_env(self):
+    def read_env(self) -> str | None:
         try:
             with open(self.env_file) as stream:
                 return stream.read()
         except OSError:
             return None
 
-    def installed_versions(self):
+    def installed_versions(self) -> list[str]:
         """The release directories, oldest deployment first."""
         try:
             names = [entry for entry in os.listdir(self.releases) if not entry.startswith(".")]
@@ -117,7 +118,7 @@ class Layout:
             return []
         return sorted(names, key=lambda version: ((self.read_release(version) or {}).get("deployed_at") or "", version))
 
-    def switch_current(self, version):
+    def switch_current(self, version: str) -> None:
         """Point ``current`` at the release atomically (a new symlink renamed over the old one)."""
         tmp = os.path.join(self.base, ".current.tmp-%d" % os.getpid())
         if os.path.lexists(tmp):
@@ -125,18 +126,18 @@ class Layout:
         os.symlink(os.path.join("releases", version), tmp)
         os.replace(tmp, self.current)
 
-    def remove_current(self):
+    def remove_current(self) -> None:
         if os.path.lexists(self.current):
             os.unlink(self.current)
 
-    def remove_release(self, version):
+    def remove_release(self, version: str) -> None:
         shutil.rmtree(self.release_dir(version), ignore_errors=True)
         package = self.package_path(version)
         if os.path.lexists(package):
             os.unlink(package)
 
 
-def write_atomic(path, text, mode):
+def write_atomic(path: str, text: str, mode: int) -> None:
     """Write ``text`` to a temporary file beside ``path`` with ``mode``, then rename it over ``path``."""
     tmp = "%s.tmp-%d" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
@@ -159,12 +160,12 @@ class DirectoryLock:
     file it locked is still the one on disk, and locks the new one otherwise.
     """
 
-    def __init__(self, layout, create):
+    def __init__(self, layout: Layout, create: bool) -> None:
         self.layout = layout
         self.create = create
         self.fd = None
 
-    def __enter__(self):
+    def __enter__(self) -> DirectoryLock:
         while True:
             if self.create:
                 os.makedirs(self.layout.base, mode=0o755, exist_ok=True)
@@ -185,18 +186,18 @@ class DirectoryLock:
                 return self
             os.close(fd)
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         if self.fd is not None:
             os.close(self.fd)
 
 
-def env_file_text(env):
+def env_file_text(env: dict[str, str]) -> str:
     lines = ["# Written by svcreg.registry.package; changes are overwritten by the next deployment.\n"]
     lines.extend("export %s=%s\n" % (key, shlex.quote(env[key])) for key in sorted(env))
     return "".join(lines)
 
 
-def parse_env_file(text):
+def parse_env_file(text: str | None) -> dict[str, str]:
     """The variables of an env file as written by :func:`env_file_text` (``{}`` when it cannot be parsed)."""
     try:
         words = shlex.split(text or "", comments=True)

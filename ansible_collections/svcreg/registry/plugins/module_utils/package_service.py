@@ -16,10 +16,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import IO, Any
 
 from ansible.module_utils.common.parameters import remove_values
 
-from ansible_collections.svcreg.registry.plugins.module_utils.package_release import DeployError
+from ansible_collections.svcreg.registry.plugins.module_utils.package_release import DeployError, Layout
 
 __all__ = ["ScriptResult", "Service", "run_program", "script_failure"]
 
@@ -28,27 +29,27 @@ OUTPUT_LIMIT = 64 * 1024
 
 
 class ScriptResult:
-    def __init__(self, rc, stdout, stderr, timed_out=False):
+    def __init__(self, rc: int | None, stdout: str, stderr: str, timed_out: bool = False) -> None:
         self.rc = rc
         self.stdout = stdout
         self.stderr = stderr
         self.timed_out = timed_out
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return self.rc == 0
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         return {"rc": self.rc, "stdout": self.stdout, "stderr": self.stderr}
 
 
-def _read_tail(stream):
+def _read_tail(stream: IO[bytes]) -> str:
     size = stream.seek(0, os.SEEK_END)
     stream.seek(max(0, size - OUTPUT_LIMIT))
     return stream.read(OUTPUT_LIMIT).decode("utf-8", "replace")
 
 
-def run_program(argv, cwd, env, timeout):
+def run_program(argv: list[str], cwd: str, env: dict[str, str], timeout: float) -> ScriptResult:
     """Run ``argv`` in its own session, output to temporary files; kill its process group after ``timeout``.
 
     Pipes would not do: a daemon started by a start script inherits them, and reading a pipe until its end
@@ -75,17 +76,17 @@ def run_program(argv, cwd, env, timeout):
 class Service:
     """Starting, stopping and checking the releases of one service."""
 
-    def __init__(self, module, layout):
+    def __init__(self, module: Any, layout: Layout) -> None:
         self.module = module
         self.layout = layout
         self.script_timeout = module.params["script_timeout"]
         self.health_timeout = module.params["health_timeout"]
 
-    def warn(self, message):
+    def warn(self, message: str) -> None:
         # Warnings are not masked like the rest of the result (ansible-core 2.19 sends them as objects).
         self.module.warn(remove_values(message, self.module.no_log_values))
 
-    def environment(self, version, env):
+    def environment(self, version: str, env: dict[str, str]) -> dict[str, str]:
         environ = dict(os.environ)
         environ.update(env)
         environ.update(
@@ -96,7 +97,7 @@ class Service:
         )
         return environ
 
-    def executable(self, directory, relative, what):
+    def executable(self, directory: str, relative: str, what: str) -> str:
         """The absolute path of a script of the release in ``directory``; fails unless it is an executable file."""
         path = os.path.join(directory, relative)
         real_dir = os.path.realpath(directory)
@@ -112,20 +113,20 @@ class Service:
             raise DeployError("%s %s in %s is not executable (mode %04o)" % (what, relative, directory, mode & 0o7777))
         return path
 
-    def health_argv(self, directory, command):
+    def health_argv(self, directory: str, command: str) -> list[str]:
         argv = shlex.split(command)
         if "/" in argv[0] and not argv[0].startswith("/"):
             argv[0] = self.executable(directory, argv[0], "health command")
         return argv
 
-    def preflight(self, directory, manifest):
+    def preflight(self, directory: str, manifest: dict[str, Any]) -> None:
         """Fail before anything is stopped if the new release's scripts cannot run."""
         self.executable(directory, manifest["start"], "start script")
         self.executable(directory, manifest["stop"], "stop script")
         if manifest["health"] and "command" in manifest["health"]:
             self.health_argv(directory, manifest["health"]["command"])
 
-    def start(self, version, manifest, env):
+    def start(self, version: str, manifest: dict[str, Any], env: dict[str, str]) -> ScriptResult:
         directory = self.layout.release_dir(version)
         try:
             script = self.executable(directory, manifest["start"], "start script")
@@ -133,7 +134,7 @@ class Service:
             return ScriptResult(None, "", error.msg)
         return run_program([script], directory, self.environment(version, env), self.script_timeout)
 
-    def stop(self, version, env):
+    def stop(self, version: str, env: dict[str, str]) -> None:
         """Run the release's stop script; a failure is a warning, never fatal."""
         metadata = self.layout.read_release(version)
         manifest = (metadata or {}).get("manifest")
@@ -159,7 +160,9 @@ class Service:
                 )
             )
 
-    def probe(self, version, health, env, timeout):
+    def probe(
+        self, version: str, health: dict[str, Any], env: dict[str, str], timeout: float
+    ) -> tuple[bool, str, ScriptResult | None]:
         """Probe the release's health once; return (ok, what happened, the failed command's result or None)."""
         if "tcp" in health:
             address = "%s:%d" % (health["host"], health["tcp"])
@@ -178,7 +181,9 @@ class Service:
             return True, "%s exited 0" % health["command"], None
         return False, "%s %s" % (health["command"], script_failure(result, timeout)), result
 
-    def health_check(self, version, manifest, env, quick=False):
+    def health_check(
+        self, version: str, manifest: dict[str, Any], env: dict[str, str], quick: bool = False
+    ) -> tuple[bool | None, str, ScriptResult | None]:
         """Probe until the health check passes or times out (once, shortly, when ``quick``).
 
         Returns:
@@ -197,7 +202,9 @@ class Service:
                 return ok, "%s after %.1f s" % (detail, time.monotonic() - began), result
             time.sleep(min(health["interval"], left))
 
-    def start_and_check(self, version, manifest, env):
+    def start_and_check(
+        self, version: str, manifest: dict[str, Any], env: dict[str, str]
+    ) -> tuple[ScriptResult, dict[str, Any] | None, str | None, ScriptResult | None]:
         """Start the release and check its health.
 
         Returns:
@@ -224,7 +231,7 @@ class Service:
         return started, health, None, None
 
 
-def script_failure(result, timeout):
+def script_failure(result: ScriptResult, timeout: float) -> str:
     if result.timed_out:
         return "did not finish within %s s and was killed" % timeout
     if result.rc is None:

@@ -255,6 +255,7 @@ import datetime
 import os
 import re
 import shutil
+from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -282,7 +283,7 @@ from ansible_collections.svcreg.registry.plugins.module_utils.package_release im
     parse_env_file,
     write_atomic,
 )
-from ansible_collections.svcreg.registry.plugins.module_utils.package_service import Service
+from ansible_collections.svcreg.registry.plugins.module_utils.package_service import ScriptResult, Service
 
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 # What a manifest validated by the controller (registry.package.Manifest.to_dict()) always has; a direct
@@ -291,7 +292,7 @@ MANIFEST_DEFAULTS = {"start": "scripts/start.sh", "stop": "scripts/stop.sh", "he
 HEALTH_DEFAULTS = {"host": "127.0.0.1", "timeout": 30.0, "interval": 0.5}
 
 
-def release_manifest(manifest, name, version):
+def release_manifest(manifest: dict[str, Any], name: str, version: str) -> dict[str, Any]:
     """The manifest the action plugin validated on the controller (registry.package.Manifest), for this release.
 
     Its fields are not checked again here; only that it is this release's.
@@ -306,7 +307,7 @@ def release_manifest(manifest, name, version):
     return release
 
 
-def wanted_env(manifest, values):
+def wanted_env(manifest: dict[str, Any], values: dict[str, Any]) -> dict[str, str]:
     """The manifest's defaults overridden by ``values``; names not in the manifest are passed on too."""
     package = "%s %s" % (manifest["name"], manifest["version"])
     try:
@@ -318,7 +319,7 @@ def wanted_env(manifest, values):
 class Deployment:
     """One run of the module for state=present, rollback or absent, under the service's lock."""
 
-    def __init__(self, module):
+    def __init__(self, module: AnsibleModule) -> None:
         self.module = module
         self.params = module.params
         self.check_mode = module.check_mode
@@ -326,7 +327,9 @@ class Deployment:
         self.layout = Layout(self.params["install_base"], self.name)
         self.service = Service(module, self.layout)
 
-    def result(self, changed, action, version, previous, **extra):
+    def result(
+        self, changed: bool, action: str, version: str | None, previous: str | None, **extra: Any
+    ) -> dict[str, Any]:
         layout = self.layout
         metadata = layout.read_release(version) if version else None
         result = {
@@ -346,7 +349,7 @@ class Deployment:
 
     # state=present
 
-    def present(self):
+    def present(self) -> dict[str, Any]:
         params = self.params
         version = params["version"]
         checksum = params["checksum"].lower()
@@ -374,7 +377,7 @@ class Deployment:
             reuse = same_package and not params["force"]
             return self.deploy(version, checksum, manifest, env, env_text, current, old_env_text, reuse)
 
-    def keep_running(self, version, manifest, env):
+    def keep_running(self, version: str, manifest: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
         """The release is current and unchanged: probe it once, restart it if the probe fails."""
         service = self.service
         if self.check_mode and manifest["health"] and "command" in manifest["health"]:
@@ -396,7 +399,17 @@ class Deployment:
             )
         return self.result(True, "restarted", version, version, health=health, start=started.as_dict())
 
-    def deploy(self, version, checksum, manifest, env, env_text, current, old_env_text, reuse):
+    def deploy(
+        self,
+        version: str,
+        checksum: str,
+        manifest: dict[str, Any],
+        env: dict[str, str],
+        env_text: str,
+        current: str | None,
+        old_env_text: str | None,
+        reuse: bool,
+    ) -> dict[str, Any]:
         layout = self.layout
         for directory in (layout.releases, layout.packages):
             os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -438,14 +451,14 @@ class Deployment:
         self.prune(version)
         return self.result(True, "deployed", version, current, health=health, start=started.as_dict())
 
-    def previous_good(self, version, current):
+    def previous_good(self, version: str, current: str | None) -> str | None:
         """The release to go back to if ``version`` fails: the current one if good, else the latest good in history."""
         for candidate in [current, *self.layout.read_history()[::-1]]:
             if candidate and candidate != version and self.layout.is_good(candidate):
                 return candidate
         return None
 
-    def unpack(self, version, checksum):
+    def unpack(self, version: str, checksum: str) -> str:
         """Verify and cache the tarball, then unpack it into a temporary directory under releases/."""
         layout = self.layout
         cached = layout.package_path(version)
@@ -477,7 +490,7 @@ class Deployment:
             raise DeployError("package %s refused: %s" % (cached, error)) from None
         return tmp
 
-    def replace_release(self, version, unpacked):
+    def replace_release(self, version: str, unpacked: str) -> None:
         """Move the unpacked release into place, replacing a failed (or, with force, any) one of that version."""
         target = self.layout.release_dir(version)
         if os.path.lexists(target):
@@ -488,7 +501,15 @@ class Deployment:
         else:
             os.rename(unpacked, target)
 
-    def activate(self, version, manifest, env, previous, fallback, fallback_env_text):
+    def activate(
+        self,
+        version: str,
+        manifest: dict[str, Any],
+        env: dict[str, str],
+        previous: str | None,
+        fallback: str | None,
+        fallback_env_text: str | None,
+    ) -> tuple[ScriptResult, dict[str, Any] | None]:
         """Start the (already current) release; on failure go back to ``fallback`` and raise DeployError."""
         layout, service = self.layout, self.service
         started, health, failure, failed = service.start_and_check(version, manifest, env)
@@ -515,7 +536,16 @@ class Deployment:
             failure, **self.failure_details(version, previous, started, health, failed, fallback, rollback_error)
         )
 
-    def failure_details(self, version, previous, started, health, failed, rolled_back_to, rollback_error):
+    def failure_details(
+        self,
+        version: str,
+        previous: str | None,
+        started: ScriptResult,
+        health: dict[str, Any] | None,
+        failed: ScriptResult | None,
+        rolled_back_to: str | None,
+        rollback_error: str | None,
+    ) -> dict[str, Any]:
         return {
             "name": self.name,
             "version": version,
@@ -530,7 +560,7 @@ class Deployment:
             "rollback_error": rollback_error,
         }
 
-    def prune(self, current):
+    def prune(self, current: str) -> None:
         """Remove failed releases and the good ones beyond keep_releases (oldest first), with their tarballs."""
         layout = self.layout
         for entry in os.listdir(layout.releases):
@@ -554,7 +584,7 @@ class Deployment:
 
     # rollback: true
 
-    def rollback(self):
+    def rollback(self) -> dict[str, Any]:
         layout = self.layout
         with DirectoryLock(layout, create=not self.check_mode):
             current = layout.current_version()
@@ -582,7 +612,7 @@ class Deployment:
 
     # state=absent
 
-    def absent(self):
+    def absent(self) -> dict[str, Any]:
         layout = self.layout
         if not os.path.lexists(layout.base):
             return self.result(False, "absent", None, None)
@@ -598,7 +628,7 @@ class Deployment:
             return result
 
 
-def check_params(params):
+def check_params(params: dict[str, Any]) -> None:
     problem = name_problem(params["name"])
     if problem:
         raise DeployError(problem)
@@ -622,7 +652,7 @@ def check_params(params):
         raise DeployError(problem)
 
 
-def main():
+def main() -> None:
     module = AnsibleModule(argument_spec=PACKAGE_ARGUMENT_SPEC, supports_check_mode=True)
     try:
         check_params(module.params)
