@@ -6,9 +6,14 @@ archive as a stream and refuses it, naming the member and the reason, when any m
 could escape the release directory on the target (absolute paths, ``..``, links
 pointing outside or through another link), is not a plain file, directory or link,
 carries setuid/setgid bits, or when the sizes exceed :class:`Limits` — the unpacked
-size is counted while decompressing, so a gzip bomb stops at the limit instead of
-filling the disk. ``tarfile``'s ``filter="data"`` is not relied on: its bypasses
-(CVE-2025-4517 and friends) are why every member is checked here, by rule.
+size is counted before any data is read and on the decompressed stream, so a gzip bomb
+stops at the limit instead of filling the disk.
+
+The archive rules and the name/version/env rules are not here: they live once in the
+Ansible collection's ``module_utils`` (``package_archive``, ``package_format``, standard
+library only), because the ``package`` module applies them again on the target host,
+where svcreg is not installed. The distribution ships the collection, so the import
+works from a checkout and from an install alike.
 """
 
 from __future__ import annotations

@@ -283,7 +283,6 @@ def scan_archive(
         ArchiveError: as :func:`extract_archive`, or a file to read is over ``max_read`` bytes.
         OSError: the archive cannot be opened.
     """
-
     data: dict[str, bytes] = {}
 
     def keep(tar: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> None:

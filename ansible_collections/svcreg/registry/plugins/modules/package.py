@@ -40,11 +40,14 @@ options:
   name:
     description:
       - The service (package) name; also the directory under O(install_base).
+      - 1-63 lowercase letters, digits and C(-), starting and ending with a letter or digit (a service name in
+        the registry).
     type: str
     required: true
   version:
     description:
       - The version to deploy. Required when O(state=present), unless O(rollback=true).
+      - 1-64 letters, digits and C(.), C(_), C(+), C(~), C(-), starting with a letter or digit.
     type: str
   state:
     description:
