@@ -131,13 +131,19 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
     version: Annotated[str, msgspec.Meta(pattern=VERSION_PATTERN)]
     description: Annotated[str, msgspec.Meta(max_length=1024)] | None = ""
-    endpoints: tuple[Endpoint, ...] = ()
+    # Checked by the model's own Endpoint.from_dict (unknown keys too), which msgspec's dataclass support is not.
+    endpoint_data: tuple[dict[str, Any], ...] = msgspec.field(default=(), name="endpoints")
     health: HealthCheck | None = None
     env_defaults: dict[str, Any] = msgspec.field(default_factory=dict, name="env")
     start: Annotated[str, msgspec.Meta(min_length=1)] = DEFAULT_START
     stop: Annotated[str, msgspec.Meta(min_length=1)] = DEFAULT_STOP
 
     def __post_init__(self) -> None:
+        for index, item in enumerate(self.endpoint_data):
+            try:
+                Endpoint.from_dict(item)
+            except ValidationError as exc:
+                raise FieldError(f"endpoints[{index}]", exc.message) from None
         names = [endpoint.name for endpoint in self.endpoints]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -170,6 +176,10 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             return convert(data, cls)
         except ValidationError as exc:
             raise PackageError(f"{source}: {exc.message}", member=MANIFEST_NAME) from None
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return tuple(Endpoint.from_dict(item) for item in self.endpoint_data)
 
     @property
     def env(self) -> tuple[EnvVar, ...]:

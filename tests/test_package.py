@@ -137,6 +137,8 @@ def test_build_output_inside_the_source_is_refused(tmp_path: Path) -> None:
         ("env: {'1BAD': a}\n", "not a valid environment variable name"),
         ("env: {A: [1]}\n", "default must be"),
         ("endpoints: [{name: a, port: 1}, {name: a, port: 2}]\n", "appear twice"),
+        ("endpoints: [{name: a, port: 1, colour: red}]\n", r"endpoints\[0\]: .*unknown field"),
+        ("description: [1]\n", "description: "),
         ("start: /bin/sh\n", "absolute path"),
         ("stop: ../x.sh\n", "'..'"),
     ],
