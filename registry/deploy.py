@@ -17,6 +17,7 @@ them ``no_log``, so they are masked in results, events and artifacts.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import ipaddress
 import itertools
 import json
@@ -54,21 +55,26 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PLAYBOOK = "svcreg.registry.deploy_package"
+COLLECTION_PACKAGE = "ansible_collections.svcreg.registry"
 _job_numbers = itertools.count(1)
 # Unix socket paths are limited to 108 bytes: ssh's ControlPath lives in a short folder.
 _CONTROL_DIR_ROOT = "/tmp"
 
 
 def collection_root() -> Path:
-    """The folder holding ``ansible_collections/svcreg/registry`` (the repository, or a site path)."""
-    here = Path(__file__).resolve().parent.parent
-    if (here / "ansible_collections" / "svcreg" / "registry" / "galaxy.yml").is_file():
-        return here
-    with contextlib.suppress(ImportError):
-        import ansible_collections.svcreg.registry as collection  # type: ignore[import-not-found]
+    """The folder holding ``ansible_collections/svcreg/registry`` (for ``ANSIBLE_COLLECTIONS_PATH``).
 
-        return Path(next(iter(collection.__path__))).resolve().parents[2]
-    raise ValidationError("the svcreg.registry Ansible collection is not installed next to the registry package")
+    Found by import, so it works the same from a checkout and from an installed distribution,
+    which ships the collection as the namespace package ``ansible_collections.svcreg.registry``.
+    """
+    try:
+        spec = importlib.util.find_spec(COLLECTION_PACKAGE)
+    except ImportError:
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / "playbooks" / "deploy_package.yml").is_file():
+            return Path(location).resolve().parents[2]
+    raise ValidationError(f"the svcreg.registry Ansible collection ({COLLECTION_PACKAGE}) is not installed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,7 +470,7 @@ def _address_of(host: str) -> str:
     except ValueError:
         pass
     try:
-        return socket.getaddrinfo(host, None)[0][4][0]
+        return str(socket.getaddrinfo(host, None)[0][4][0])
     except OSError as exc:
         raise ValidationError(f"target host {host!r} does not resolve: {exc}", field="target.host") from None
 
@@ -513,7 +519,8 @@ class _Progress:
         data = event.get("event_data") or {}
         host = str(data.get("host") or "")
         task = str(data.get("task") or "")
-        result = data.get("res") if isinstance(data.get("res"), Mapping) else {}
+        res = data.get("res")
+        result: Mapping[str, Any] = res if isinstance(res, Mapping) else {}
         if kind == "ok" and result.get("changed"):
             kind = "changed"
         message = str(result.get("msg") or "") if kind in ("failed", "unreachable") else ""

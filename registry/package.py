@@ -6,9 +6,14 @@ archive as a stream and refuses it, naming the member and the reason, when any m
 could escape the release directory on the target (absolute paths, ``..``, links
 pointing outside or through another link), is not a plain file, directory or link,
 carries setuid/setgid bits, or when the sizes exceed :class:`Limits` — the unpacked
-size is counted while decompressing, so a gzip bomb stops at the limit instead of
-filling the disk. ``tarfile``'s ``filter="data"`` is not relied on: its bypasses
-(CVE-2025-4517 and friends) are why every member is checked here, by rule.
+size is counted before any data is read and on the decompressed stream, so a gzip bomb
+stops at the limit instead of filling the disk.
+
+The archive rules and the name/version/env rules are not here: they live once in the
+Ansible collection's ``module_utils`` (``package_archive``, ``package_format``, standard
+library only), because the ``package`` module applies them again on the target host,
+where svcreg is not installed. The distribution ships the collection, so the import
+works from a checkout and from an install alike.
 """
 
 from __future__ import annotations
@@ -16,22 +21,41 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import io
 import os
-import re
-import stat
 import tarfile
 import tempfile
-import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from pathlib import Path
+from typing import Annotated, Any
 
+import msgspec
 import yaml
 
+from ansible_collections.svcreg.registry.plugins.module_utils import package_format
+from ansible_collections.svcreg.registry.plugins.module_utils.package_archive import (
+    DEFAULT_MAX_MEMBERS,
+    DEFAULT_MAX_UNPACKED,
+    FILE,
+    HARDLINK,
+    ArchiveContents,
+    ArchiveError,
+    member_path,
+    scan_archive,
+)
+from ansible_collections.svcreg.registry.plugins.module_utils.package_format import (
+    MANIFEST_NAME,
+    NAME_PATTERN,
+    PACKAGE_SUFFIX,
+    VERSION_PATTERN,
+    PackageRuleError,
+    env_name_problem,
+    package_file_name,
+)
+
 from .exceptions import PackageError, ValidationError
-from .model import Endpoint, validate_service_name
+from .model import Endpoint
+from .schema import FieldError, convert
 
 __all__ = [
     "MANIFEST_NAME",
@@ -46,39 +70,38 @@ __all__ = [
     "resolve_env",
 ]
 
-MANIFEST_NAME = "manifest.yaml"
-PACKAGE_SUFFIX = ".tar.gz"
 DEFAULT_START = "scripts/start.sh"
 DEFAULT_STOP = "scripts/stop.sh"
 MiB = 1024 * 1024
 
-_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+~-]{0,63}")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-_RESERVED_ENV_PREFIX = "SVCREG_"
-_MANIFEST_KEYS = frozenset({"name", "version", "description", "endpoints", "health", "env", "start", "stop"})
-_HEALTH_KEYS = frozenset({"tcp", "host", "command", "timeout", "interval"})
 _SKIPPED_WHEN_BUILDING = frozenset({".git", ".hg", ".svn", "__pycache__", ".DS_Store"})
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What a package may weigh. ``max_unpacked`` bounds the decompressed stream (tar headers included)."""
+    """What a package may weigh. ``max_unpacked`` bounds the file data (and, with an allowance for
+    headers, the decompressed stream); the target host applies the same defaults."""
 
     max_size: int = 256 * MiB
-    max_unpacked: int = 1024 * MiB
-    max_members: int = 10_000
+    max_unpacked: int = DEFAULT_MAX_UNPACKED
+    max_members: int = DEFAULT_MAX_MEMBERS
     max_manifest: int = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class HealthCheck:
+class HealthCheck(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Ready when ``host:tcp`` accepts a connection, or when ``command`` exits 0, within ``timeout`` seconds."""
 
-    tcp: int | None = None
+    tcp: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
     command: str | None = None
-    host: str = "127.0.0.1"
-    timeout: float = 30.0
-    interval: float = 0.5
+    host: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    interval: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.5
+
+    def __post_init__(self) -> None:
+        if (self.tcp is None) == (self.command is None):
+            raise FieldError(None, "needs exactly one of tcp: PORT or command: COMMAND")
+        if self.command is not None and not self.command.strip():
+            raise FieldError("command", "must be a non-empty command line")
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"timeout": self.timeout, "interval": self.interval}
@@ -101,43 +124,66 @@ class EnvVar:
         return self.default is None
 
 
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    name: str
-    version: str
-    description: str = ""
-    endpoints: tuple[Endpoint, ...] = ()
+class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``manifest.yaml``. Name and version follow the rules the target host applies too
+    (``package_format`` in the collection's module_utils)."""
+
+    name: Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+    version: Annotated[str, msgspec.Meta(pattern=VERSION_PATTERN)]
+    description: Annotated[str, msgspec.Meta(max_length=1024)] | None = ""
+    # Checked by the model's own Endpoint.from_dict (unknown keys too), which msgspec's dataclass support is not.
+    endpoint_data: tuple[dict[str, Any], ...] = msgspec.field(default=(), name="endpoints")
     health: HealthCheck | None = None
-    env: tuple[EnvVar, ...] = ()
-    start: str = DEFAULT_START
-    stop: str = DEFAULT_STOP
+    env_defaults: dict[str, Any] = msgspec.field(default_factory=dict, name="env")
+    start: Annotated[str, msgspec.Meta(min_length=1)] = DEFAULT_START
+    stop: Annotated[str, msgspec.Meta(min_length=1)] = DEFAULT_STOP
+
+    def __post_init__(self) -> None:
+        for index, item in enumerate(self.endpoint_data):
+            try:
+                Endpoint.from_dict(item)
+            except ValidationError as exc:
+                raise FieldError(f"endpoints[{index}]", exc.message) from None
+        names = [endpoint.name for endpoint in self.endpoints]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise FieldError("endpoints", f"endpoint name(s) {', '.join(duplicates)} appear twice")
+        defaults: dict[str, str | None] = {}
+        for name, default in self.env_defaults.items():
+            problem = env_name_problem(name)
+            if problem:
+                raise FieldError("env", problem)
+            if default is not None and (not isinstance(default, str | int | float) or isinstance(default, bool)):
+                raise FieldError(f"env.{name}", "the default must be a string, a number or null")
+            defaults[name] = None if default is None else str(default)
+        scripts = {}
+        for role in ("start", "stop"):
+            try:
+                scripts[role] = member_path(getattr(self, role), f"the {role} script")
+            except ArchiveError as exc:
+                raise FieldError(role, exc.message) from None
+            if not scripts[role]:
+                raise FieldError(role, "must be a path inside the package")
+        msgspec.structs.force_setattr(self, "env_defaults", defaults)
+        msgspec.structs.force_setattr(self, "description", self.description or "")
+        for role, path in scripts.items():
+            msgspec.structs.force_setattr(self, role, path)
 
     @classmethod
-    def from_dict(cls, data: object, *, source: str = MANIFEST_NAME) -> Manifest:
-        """Validate a parsed manifest; every error names ``source`` and the field."""
-        if not isinstance(data, Mapping):
-            raise PackageError(f"{source}: must be a mapping, not {type(data).__name__}", member=MANIFEST_NAME)
-        unknown = sorted(str(key) for key in data if key not in _MANIFEST_KEYS)
-        if unknown:
-            raise PackageError(
-                f"{source}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(_MANIFEST_KEYS))})",
-                member=MANIFEST_NAME,
-            )
+    def parse(cls, data: object, *, source: str = MANIFEST_NAME) -> Manifest:
+        """Validate a parsed manifest; every error names ``source`` and the field path."""
         try:
-            return cls(
-                name=validate_service_name(data.get("name"), "name"),
-                version=_version(data.get("version")),
-                description=_description(data.get("description")),
-                endpoints=_endpoints(data.get("endpoints")),
-                health=_health(data.get("health")),
-                env=_env_vars(data.get("env")),
-                start=_script_path(data.get("start", DEFAULT_START), "start"),
-                stop=_script_path(data.get("stop", DEFAULT_STOP), "stop"),
-            )
-        except PackageError:
-            raise
+            return convert(data, cls)
         except ValidationError as exc:
             raise PackageError(f"{source}: {exc.message}", member=MANIFEST_NAME) from None
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return tuple(Endpoint.from_dict(item) for item in self.endpoint_data)
+
+    @property
+    def env(self) -> tuple[EnvVar, ...]:
+        return tuple(EnvVar(name, default) for name, default in self.env_defaults.items())
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form the package module and the wire use."""
@@ -147,7 +193,7 @@ class Manifest:
             "description": self.description,
             "endpoints": [endpoint.to_dict() for endpoint in self.endpoints],
             "health": self.health.to_dict() if self.health else None,
-            "env": {var.name: var.default for var in self.env},
+            "env": dict(self.env_defaults),
             "start": self.start,
             "stop": self.stop,
         }
@@ -180,10 +226,6 @@ class Package:
         }
 
 
-def package_file_name(name: str, version: str) -> str:
-    return f"{name}-{version}{PACKAGE_SUFFIX}"
-
-
 def resolve_env(manifest: Manifest, given: Mapping[str, object]) -> dict[str, str]:
     """The environment a deployment injects: the manifest's defaults, overridden by ``given``.
 
@@ -191,274 +233,36 @@ def resolve_env(manifest: Manifest, given: Mapping[str, object]) -> dict[str, st
     by the service), reserved ``SVCREG_*`` names, and missing required variables. Errors name
     variables, never values.
     """
-    declared = {var.name: var for var in manifest.env}
-    unknown = sorted(name for name in given if name not in declared)
-    if unknown:
-        raise ValidationError(
-            f"package {manifest.name} does not declare env variable(s) {', '.join(unknown)}"
-            f" (declared: {', '.join(sorted(declared)) or 'none'})",
-            field="env",
-        )
-    values: dict[str, str] = {}
-    for name, var in declared.items():
-        if name in given:
-            value = given[name]
-            if not isinstance(value, str | int | float) or isinstance(value, bool):
-                raise ValidationError(f"env variable {name} must be a string or a number", field=f"env.{name}")
-            values[name] = str(value)
-        elif var.default is not None:
-            values[name] = var.default
-    missing = sorted(var.name for var in manifest.env if var.required and var.name not in values)
-    if missing:
-        raise ValidationError(
-            f"package {manifest.name} needs env variable(s) {', '.join(missing)}, which have no default", field="env"
-        )
-    return values
-
-
-# --- manifest fields ------------------------------------------------------------------
-
-
-def _version(value: object) -> str:
-    if not isinstance(value, str) or not _VERSION.fullmatch(value):
-        raise ValidationError(
-            f"version {value!r} is invalid: use 1-64 letters, digits and . _ + ~ -, starting with a letter or digit",
-            field="version",
-        )
-    return value
-
-
-def _description(value: object) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str) or len(value) > 1024:
-        raise ValidationError("description must be a string of at most 1024 characters", field="description")
-    return value
-
-
-def _endpoints(value: object) -> tuple[Endpoint, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise ValidationError("endpoints must be a list of {name, port[, protocol]}", field="endpoints")
-    endpoints = tuple(Endpoint.from_dict(item) for item in value)
-    names = [endpoint.name for endpoint in endpoints]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValidationError(f"endpoint name(s) {', '.join(duplicates)} appear twice", field="endpoints")
-    return endpoints
-
-
-def _seconds(value: object, field_name: str, default: float, *, most: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= most:
-        raise ValidationError(f"{field_name} must be a number of seconds in (0, {most:g}]", field=field_name)
-    return float(value)
-
-
-def _health(value: object) -> HealthCheck | None:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise ValidationError("health must be a mapping with tcp: PORT or command: COMMAND", field="health")
-    unknown = sorted(str(key) for key in value if key not in _HEALTH_KEYS)
-    if unknown:
-        raise ValidationError(f"health: unknown key(s) {', '.join(unknown)}", field="health")
-    tcp, command = value.get("tcp"), value.get("command")
-    if (tcp is None) == (command is None):
-        raise ValidationError("health needs exactly one of tcp: PORT or command: COMMAND", field="health")
-    if tcp is not None and (isinstance(tcp, bool) or not isinstance(tcp, int) or not 1 <= tcp <= 65535):
-        raise ValidationError(f"health.tcp {tcp!r} is not a port (1-65535)", field="health.tcp")
-    if command is not None and (not isinstance(command, str) or not command.strip()):
-        raise ValidationError("health.command must be a non-empty string", field="health.command")
-    host = value.get("host", "127.0.0.1")
-    if not isinstance(host, str) or not host:
-        raise ValidationError("health.host must be a host name or address", field="health.host")
-    return HealthCheck(
-        tcp=tcp,
-        command=command,
-        host=host,
-        timeout=_seconds(value.get("timeout"), "health.timeout", 30.0, most=3600),
-        interval=_seconds(value.get("interval"), "health.interval", 0.5, most=60),
-    )
-
-
-def _env_vars(value: object) -> tuple[EnvVar, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, Mapping):
-        raise ValidationError("env must be a mapping of NAME: default (null: no default, required)", field="env")
-    variables = []
-    for name, default in value.items():
-        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-            raise ValidationError(f"env name {name!r} is not a valid variable name", field="env")
-        if name.startswith(_RESERVED_ENV_PREFIX):
-            raise ValidationError(f"env name {name} is reserved (SVCREG_* is set by the deployer)", field="env")
-        if default is not None and (not isinstance(default, str | int | float) or isinstance(default, bool)):
-            raise ValidationError(f"env {name}: the default must be a string, a number or null", field=f"env.{name}")
-        variables.append(EnvVar(name, None if default is None else str(default)))
-    return tuple(variables)
-
-
-def _script_path(value: object, field_name: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValidationError(f"{field_name} must be a path inside the package", field=field_name)
+    label = f"{manifest.name} {manifest.version}"
     try:
-        return _normalise(value)
-    except PackageError as exc:
-        raise ValidationError(f"{field_name}: {exc.message}", field=field_name) from None
+        return package_format.resolve_env(label, manifest.env_defaults, given)
+    except PackageRuleError as exc:
+        raise ValidationError(exc.message, field=exc.field) from None
 
 
-# --- archive checks -------------------------------------------------------------------
+# --- the package file -------------------------------------------------------------------
 
 
-def _normalise(name: str) -> str:
-    """A member name as a clean relative path, or PackageError saying why it cannot be one."""
-    if not name:
-        raise PackageError("empty member name", member=name)
-    if any(ord(char) < 32 or char == "\x7f" for char in name):
-        raise PackageError(f"member {name!r}: control characters in the name", member=name)
-    if name.startswith("/"):
-        raise PackageError(f"member {name}: absolute path", member=name)
-    parts = [part for part in name.split("/") if part not in ("", ".")]
-    if ".." in parts:
-        raise PackageError(f"member {name}: '..' path component", member=name)
-    if not parts:
-        raise PackageError(f"member {name!r}: names the package root", member=name)
-    return "/".join(parts)
-
-
-class _CountingReader(io.RawIOBase):
-    """Reads a decompressed stream, refusing to go past ``limit`` bytes."""
-
-    def __init__(self, source: IO[bytes], limit: int, package: str) -> None:
-        self._source = source
-        self._limit = limit
-        self._package = package
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._source.read(len(buffer))
-        self.count += len(data)
-        if self.count > self._limit:
-            raise PackageError(
-                f"{self._package}: unpacks to more than the {self._limit:,}-byte limit (a gzip bomb?)",
-                package=self._package,
-            )
-        buffer[: len(data)] = data
-        return len(data)
-
-
-@dataclass(slots=True)
-class _Scan:
-    kinds: dict[str, str] = field(default_factory=dict)  # name -> "file" | "dir" | "symlink" | "hardlink"
-    modes: dict[str, int] = field(default_factory=dict)
-    symlinks: dict[str, str] = field(default_factory=dict)  # name -> raw target
-    manifest: bytes | None = None
-    unpacked: int = 0
-
-
-def _check_member(member: tarfile.TarInfo, scan: _Scan, limits: Limits) -> str:
-    name = _normalise(member.name)
-    if name in scan.kinds:
-        raise PackageError(f"member {name}: appears twice in the archive", member=name)
-    if member.mode & (stat.S_ISUID | stat.S_ISGID):
-        raise PackageError(f"member {name}: setuid/setgid bits (mode {member.mode:o})", member=name)
-    if member.isreg():
-        kind = "file"
-    elif member.isdir():
-        kind = "dir"
-    elif member.issym():
-        kind = "symlink"
-        scan.symlinks[name] = member.linkname
-    elif member.islnk():
-        kind = "hardlink"
-        try:
-            target = _normalise(member.linkname)
-        except PackageError:
-            raise PackageError(
-                f"member {name}: hard link to {member.linkname!r} points outside the package", member=name
-            ) from None
-        if scan.kinds.get(target) != "file":
-            raise PackageError(
-                f"member {name}: hard link to {member.linkname!r}, which is not an earlier regular file of the package",
-                member=name,
-            )
-    else:
-        kind = {
-            tarfile.CHRTYPE: "character device",
-            tarfile.BLKTYPE: "block device",
-            tarfile.FIFOTYPE: "FIFO",
-        }.get(member.type, f"type {member.type!r}")
-        raise PackageError(f"member {name}: a {kind} (only files, directories and links are allowed)", member=name)
-    scan.kinds[name] = kind
-    scan.modes[name] = member.mode
-    scan.unpacked += member.size
-    if len(scan.kinds) > limits.max_members:
-        raise PackageError(f"more than {limits.max_members:,} members", member=name)
-    return name
-
-
-def _check_links(scan: _Scan) -> None:
-    """Checks that need every member: symlink targets, and paths that pass through a symlink."""
-    for name in scan.kinds:
-        parent = PurePosixPath(name).parent
-        for prefix in [*reversed(parent.parents), parent][1:]:
-            if str(prefix) in scan.symlinks:
-                raise PackageError(f"member {name}: its path goes through the symlink {prefix}", member=name)
-    for name, target in scan.symlinks.items():
-        if not target or target.startswith("/"):
-            raise PackageError(f"member {name}: symlink to the absolute path {target!r}", member=name)
-        resolved: list[str] = list(PurePosixPath(name).parent.parts)
-        for part in target.split("/"):
-            if part in ("", "."):
-                continue
-            if part == "..":
-                if not resolved:
-                    raise PackageError(f"member {name}: symlink to {target!r} points outside the package", member=name)
-                resolved.pop()
-                continue
-            resolved.append(part)
-            if "/".join(resolved) in scan.symlinks:
-                raise PackageError(
-                    f"member {name}: symlink to {target!r} goes through another symlink ({'/'.join(resolved)})",
-                    member=name,
-                )
-
-
-def _read_archive(path: Path, limits: Limits, label: str) -> _Scan:
+def _scan(path: Path, limits: Limits, label: str) -> ArchiveContents:
     try:
         size = path.stat().st_size
     except OSError as exc:
         raise PackageError(f"{path}: cannot read the package ({exc.strerror})", package=label) from None
     if size > limits.max_size:
         raise PackageError(f"{label}: {size:,} bytes is over the {limits.max_size:,}-byte limit", package=label)
-    scan = _Scan()
     try:
-        with path.open("rb") as raw:
-            counted = _CountingReader(gzip.GzipFile(fileobj=raw, mode="rb"), limits.max_unpacked, label)
-            with tarfile.open(fileobj=io.BufferedReader(counted), mode="r|") as archive:
-                for member in archive:
-                    name = _check_member(member, scan, limits)
-                    if name == MANIFEST_NAME and member.isreg():
-                        if member.size > limits.max_manifest:
-                            raise PackageError(
-                                f"{MANIFEST_NAME}: {member.size:,} bytes, over the {limits.max_manifest:,}-byte limit",
-                                member=name,
-                            )
-                        extracted = archive.extractfile(member)
-                        scan.manifest = extracted.read() if extracted else b""
-    except PackageError:
-        raise
-    except (tarfile.TarError, gzip.BadGzipFile, zlib.error, EOFError) as exc:
-        raise PackageError(f"{label}: not a readable .tar.gz archive ({exc})", package=label) from None
+        return scan_archive(
+            str(path),
+            max_unpacked=limits.max_unpacked,
+            max_members=limits.max_members,
+            read=(MANIFEST_NAME,),
+            max_read=limits.max_manifest,
+            label=label,
+        )
+    except ArchiveError as exc:
+        raise PackageError(exc.message, member=exc.member, package=label) from None
     except OSError as exc:
         raise PackageError(f"{label}: cannot read the package ({exc})", package=label) from None
-    return scan
 
 
 def _sha256(path: Path) -> str:
@@ -469,34 +273,35 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _parse_manifest(scan: _Scan, label: str) -> Manifest:
-    kind = scan.kinds.get(MANIFEST_NAME)
+def _parse_manifest(contents: ArchiveContents, label: str) -> Manifest:
+    kind = contents.kinds.get(MANIFEST_NAME)
     if kind is None:
         raise PackageError(f"{label}: no {MANIFEST_NAME} at the top level", member=MANIFEST_NAME, package=label)
-    if kind != "file" or scan.manifest is None:
+    text = contents.data.get(MANIFEST_NAME)
+    if kind != FILE or text is None:
         raise PackageError(f"{label}: {MANIFEST_NAME} must be a regular file, not a {kind}", member=MANIFEST_NAME)
     try:
-        data = yaml.safe_load(scan.manifest.decode("utf-8"))
+        data = yaml.safe_load(text.decode("utf-8"))
     except UnicodeDecodeError:
         raise PackageError(f"{label}: {MANIFEST_NAME} is not UTF-8 text", member=MANIFEST_NAME) from None
     except yaml.YAMLError as exc:
         raise PackageError(f"{label}: {MANIFEST_NAME} is not valid YAML: {exc}", member=MANIFEST_NAME) from None
-    return Manifest.from_dict(data, source=f"{label}: {MANIFEST_NAME}")
+    return Manifest.parse(data, source=f"{label}: {MANIFEST_NAME}")
 
 
-def _check_scripts(manifest: Manifest, scan: _Scan, label: str) -> None:
+def _check_scripts(manifest: Manifest, contents: ArchiveContents, label: str) -> None:
     for role, script in (("start", manifest.start), ("stop", manifest.stop)):
-        kind = scan.kinds.get(script)
+        kind = contents.kinds.get(script)
         if kind is None:
             raise PackageError(f"{label}: the {role} script {script} is missing", member=script, package=label)
-        if kind not in ("file", "hardlink"):
+        if kind not in (FILE, HARDLINK):
             raise PackageError(
                 f"{label}: the {role} script {script} must be a regular file, not a {kind}", member=script
             )
-        if not scan.modes[script] & 0o100:
+        mode = contents.modes[script]
+        if not mode & 0o100:
             raise PackageError(
-                f"{label}: the {role} script {script} is not executable (mode {scan.modes[script]:o}; chmod +x it)",
-                member=script,
+                f"{label}: the {role} script {script} is not executable (mode {mode:o}; chmod +x it)", member=script
             )
 
 
@@ -509,23 +314,22 @@ def inspect_package(path: str | os.PathLike[str], limits: Limits | None = None) 
 def _inspect(path: Path, limits: Limits, *, file_name: str) -> Package:
     if not file_name.endswith(PACKAGE_SUFFIX):
         raise PackageError(f"{file_name}: a package file is named NAME-VERSION{PACKAGE_SUFFIX}", package=file_name)
-    scan = _read_archive(path, limits, file_name)
-    _check_links(scan)
-    manifest = _parse_manifest(scan, file_name)
+    contents = _scan(path, limits, file_name)
+    manifest = _parse_manifest(contents, file_name)
     expected = package_file_name(manifest.name, manifest.version)
     if file_name != expected:
         raise PackageError(
             f"{file_name}: the manifest says {manifest.name} {manifest.version}, so the file must be named {expected}",
             package=file_name,
         )
-    _check_scripts(manifest, scan, file_name)
+    _check_scripts(manifest, contents, file_name)
     return Package(
         path=path,
         manifest=manifest,
         sha256=_sha256(path),
         size=path.stat().st_size,
-        unpacked_size=scan.unpacked,
-        members=tuple(scan.kinds),
+        unpacked_size=contents.unpacked,
+        members=tuple(contents.kinds),
     )
 
 
@@ -573,7 +377,7 @@ def build_package(
     except (OSError, UnicodeDecodeError) as exc:
         raise PackageError(f"{manifest_path}: cannot read the manifest ({exc})", member=MANIFEST_NAME) from None
     try:
-        manifest = Manifest.from_dict(yaml.safe_load(text), source=str(manifest_path))
+        manifest = Manifest.parse(yaml.safe_load(text), source=str(manifest_path))
     except yaml.YAMLError as exc:
         raise PackageError(f"{manifest_path}: not valid YAML: {exc}", member=MANIFEST_NAME) from None
     output = Path(output_dir) if output_dir is not None else directory.parent

@@ -117,11 +117,13 @@ def _raw(path_name: str, data: bytes) -> Callable[[Path], Path]:
 
 
 CORPUS: list[BadPackage] = [
-    BadPackage("absolute-path", _with(_file("/etc/cron.d/evil", b"x")), "/etc/cron.d/evil: absolute path"),
+    BadPackage("absolute-path", _with(_file("/etc/cron.d/evil", b"x")), "'/etc/cron.d/evil': absolute path"),
     BadPackage("dotdot", _with(_file("bin/../../evil", b"x")), "'..' path component"),
     BadPackage("dotdot-leading", _with(_file("../evil", b"x")), "'..' path component"),
     BadPackage(
-        "symlink-absolute", _with(_special("bin/passwd", tarfile.SYMTYPE, linkname="/etc/passwd")), "absolute path"
+        "symlink-absolute",
+        _with(_special("bin/passwd", tarfile.SYMTYPE, linkname="/etc/passwd")),
+        "absolute symlink target",
     ),
     BadPackage(
         "symlink-outside",
@@ -139,20 +141,20 @@ CORPUS: list[BadPackage] = [
     BadPackage(
         "member-through-symlink",
         _with(_special("d", tarfile.SYMTYPE, linkname="scripts"), _file("d/evil", b"x")),
-        "its path goes through the symlink d",
+        "its path passes through symlink member 'd'",
     ),
     BadPackage("hardlink-outside", _with(_special("bin/shadow", tarfile.LNKTYPE, linkname="/etc/shadow")), "hard link"),
     BadPackage("hardlink-to-missing", _with(_special("bin/x", tarfile.LNKTYPE, linkname="bin/nothing")), "hard link"),
     BadPackage("char-device", _with(_special("dev/null", tarfile.CHRTYPE)), "character device"),
     BadPackage("block-device", _with(_special("dev/sda", tarfile.BLKTYPE)), "block device"),
     BadPackage("fifo", _with(_special("bin/pipe", tarfile.FIFOTYPE)), "FIFO"),
-    BadPackage("setuid", _with(_file("bin/su", b"x", 0o4755)), "setuid/setgid"),
-    BadPackage("setgid", _with(_file("bin/sg", b"x", 0o2755)), "setuid/setgid"),
+    BadPackage("setuid", _with(_file("bin/su", b"x", 0o4755)), "setuid or setgid bit"),
+    BadPackage("setgid", _with(_file("bin/sg", b"x", 0o2755)), "setuid or setgid bit"),
     BadPackage("duplicate", _with(_file("scripts/start.sh", b"#!/bin/sh\n", 0o755)), "appears twice"),
     BadPackage("no-manifest", lambda d: write_package(d, base_members()[1:]), "no manifest.yaml"),
     BadPackage("manifest-not-yaml", _with(manifest=b"name: [unclosed\n"), "not valid YAML"),
-    BadPackage("manifest-not-mapping", _with(manifest=b"- a\n- b\n"), "must be a mapping"),
-    BadPackage("manifest-unknown-key", _with(manifest=manifest_text(extra="colour: red\n")), "unknown key(s) colour"),
+    BadPackage("manifest-not-mapping", _with(manifest=b"- a\n- b\n"), "must be an object"),
+    BadPackage("manifest-unknown-key", _with(manifest=manifest_text(extra="colour: red\n")), "colour: unknown field"),
     BadPackage("manifest-bad-name", _with(manifest=manifest_text(name="Bad_Name")), "Bad_Name"),
     BadPackage("manifest-bad-version", _with(manifest=manifest_text(version="1.0/../x")), "version"),
     BadPackage(
@@ -182,8 +184,8 @@ CORPUS: list[BadPackage] = [
         "version-mismatch", lambda d: write_package(d, file_name="demo-2.0.0.tar.gz"), "must be named demo-1.0.0.tar.gz"
     ),
     BadPackage("wrong-suffix", lambda d: write_package(d, file_name="demo-1.0.0.zip"), "NAME-VERSION.tar.gz"),
-    BadPackage("not-gzip", _raw("demo-1.0.0.tar.gz", b"PK\x03\x04 not a tarball"), "not a readable .tar.gz"),
-    BadPackage("truncated", lambda d: _truncate(write_package(d)), "not a readable .tar.gz"),
+    BadPackage("not-gzip", _raw("demo-1.0.0.tar.gz", b"PK\x03\x04 not a tarball"), "is not a valid .tar.gz"),
+    BadPackage("truncated", lambda d: _truncate(write_package(d)), "is not a valid .tar.gz"),
     BadPackage("gzip-bomb", _gzip_bomb, "gzip bomb"),
 ]
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from ansible_collections.svcreg.registry.plugins.module_utils.package_format import name_problem
 from registry.exceptions import PackageError, ValidationError
+from registry.model import validate_service_name
 from registry.package import Limits, build_package, inspect_package, resolve_env
 
 from .package_corpus import CORPUS, BadPackage, base_members, manifest_text, write_package
@@ -129,12 +131,14 @@ def test_build_output_inside_the_source_is_refused(tmp_path: Path) -> None:
     ("extra", "message"),
     [
         ("health: {tcp: 80, command: x}\n", "exactly one of"),
-        ("health: {tcp: 70000}\n", "not a port"),
+        ("health: {tcp: 70000}\n", "health.tcp: must be an integer <= 65535"),
         ("health: {tcp: 80, timeout: -1}\n", "health.timeout"),
         ("env: {SVCREG_X: a}\n", "reserved"),
-        ("env: {'1BAD': a}\n", "not a valid variable name"),
+        ("env: {'1BAD': a}\n", "not a valid environment variable name"),
         ("env: {A: [1]}\n", "default must be"),
         ("endpoints: [{name: a, port: 1}, {name: a, port: 2}]\n", "appear twice"),
+        ("endpoints: [{name: a, port: 1, colour: red}]\n", r"endpoints\[0\]: .*unknown field"),
+        ("description: [1]\n", "description: "),
         ("start: /bin/sh\n", "absolute path"),
         ("stop: ../x.sh\n", "'..'"),
     ],
@@ -150,7 +154,7 @@ def test_resolve_env_defaults_overrides_and_errors(tmp_path: Path) -> None:
     manifest = inspect_package(path).manifest
     assert resolve_env(manifest, {"TOKEN": "s3cret"}) == {"PORT": "8080", "TOKEN": "s3cret"}
     assert resolve_env(manifest, {"TOKEN": "x", "PORT": 9}) == {"PORT": "9", "TOKEN": "x"}
-    with pytest.raises(ValidationError, match=r"needs env variable.*TOKEN"):
+    with pytest.raises(ValidationError, match=r"needs environment variables without a default: TOKEN"):
         resolve_env(manifest, {})
     with pytest.raises(ValidationError, match=r"does not declare env variable.*TOKN"):
         resolve_env(manifest, {"TOKN": "s3cret"})
@@ -167,3 +171,30 @@ def _copy_example(tmp_path: Path) -> Path:
     target = tmp_path / "src" / "hello"
     shutil.copytree(EXAMPLE, target, symlinks=True)
     return target
+
+
+@pytest.mark.parametrize(
+    "name", ["api", "api-server", "a" * 63, "a" * 64, "Api", "api_server", "-api", "api-", "", "api.v2", "api\n"]
+)
+def test_package_names_are_service_names(name: str) -> None:
+    """The package name rule (module_utils/package_format, applied on the target too) is the service-name rule."""
+    try:
+        validate_service_name(name)
+    except ValidationError:
+        service_name_ok = False
+    else:
+        service_name_ok = True
+    assert (name_problem(name) is None) is service_name_ok
+
+
+def test_a_root_directory_entry_is_fine_as_on_the_host(tmp_path: Path) -> None:
+    """``tar -C dir .`` writes ``./`` and ``./name`` members; the host's checks accept them, so the controller does."""
+    root = tarfile.TarInfo("./")
+    root.type = tarfile.DIRTYPE
+    root.mode = 0o755
+    members = [(root, b"")]
+    for info, data in _valid_members():
+        info.name = "./" + info.name
+        members.append((info, data))
+    package = inspect_package(write_package(tmp_path, members))
+    assert {"manifest.yaml", "scripts/start.sh"} <= set(package.members)

@@ -863,7 +863,7 @@ def malicious_cases(outside: Path) -> dict[str, tuple[list[tuple[str, dict[str, 
                 ("first", {"type": SYMLINK, "linkname": "dir"}),
                 ("second", {"type": SYMLINK, "linkname": "first/file"}),
             ],
-            "symlink target 'first/file' goes through symlink member 'first'",
+            "symlink target 'first/file' goes through another symlink (member 'first')",
         ),
         "member through symlink": (
             [("link", {"type": SYMLINK, "linkname": "."}), ("link/evil", regular)],

@@ -18,25 +18,20 @@ from typing import Any
 from ansible.errors import AnsibleActionFail, AnsibleError
 from ansible.module_utils.common.text.converters import to_text
 from ansible.plugins.action import ActionBase
+
 from ansible_collections.svcreg.registry.plugins.module_utils.connection import HAS_REGISTRY, missing_registry_message
+from ansible_collections.svcreg.registry.plugins.module_utils.package_format import PACKAGE_ARGUMENT_SPEC
 
 if HAS_REGISTRY:
     from registry.exceptions import RegistryError
     from registry.package import inspect_package, resolve_env
 
 MODULE = "svcreg.registry.package"
+# The module's options, less what this plugin computes (checksum, manifest); name comes from the manifest.
 ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
-    "src": {"type": "path"},
-    "name": {"type": "str"},
-    "version": {"type": "str"},
-    "state": {"type": "str", "default": "present", "choices": ["present", "absent"]},
-    "rollback": {"type": "bool", "default": False},
-    "install_base": {"type": "path", "default": "/opt"},
-    "env": {"type": "dict", "default": {}, "no_log": True},
-    "keep_releases": {"type": "int", "default": 5},
-    "force": {"type": "bool", "default": False},
-    "script_timeout": {"type": "int", "default": 60},
-    "health_timeout": {"type": "float"},
+    option: dict(spec, required=False) if option == "name" else spec
+    for option, spec in PACKAGE_ARGUMENT_SPEC.items()
+    if option not in ("checksum", "manifest")
 }
 
 
@@ -52,7 +47,15 @@ class ActionModule(ActionBase):
         _validation, params = self.validate_argument_spec(ARGUMENT_SPEC)
         module_args = {
             key: params[key]
-            for key in ("state", "rollback", "install_base", "keep_releases", "force", "script_timeout", "health_timeout")
+            for key in (
+                "state",
+                "rollback",
+                "install_base",
+                "keep_releases",
+                "force",
+                "script_timeout",
+                "health_timeout",
+            )
         }
         deploying = params["state"] == "present" and not params["rollback"]
         package_info: dict[str, Any] = {}

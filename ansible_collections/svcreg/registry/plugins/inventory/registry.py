@@ -88,19 +88,16 @@ from typing import Any
 
 from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
+
 from ansible_collections.svcreg.registry.plugins.module_utils.connection import (
+    CONNECTION_OPTIONS,
     HAS_REGISTRY,
-    RegistryConnectionError,
-    describe_error,
     missing_registry_message,
     open_client,
+    reported_as,
 )
 from ansible_collections.svcreg.registry.plugins.module_utils.groups import group_name
 
-if HAS_REGISTRY:
-    from registry.exceptions import RegistryError
-
-_CONNECTION_OPTIONS = ("url", "ca_cert", "token", "client_cert", "client_key", "validate_certs", "timeout")
 _NODE_KEYS = {"name": None, "host": "ansible_host", "ssh_user": "ansible_user"}
 _INVALID_VARIABLE = re.compile(r"[^A-Za-z0-9_]")
 
@@ -134,16 +131,15 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
     def _fetch(self, path: str) -> dict[str, Any]:
         """The registry's networks and instances, as plain JSON data (what the cache holds)."""
         if not HAS_REGISTRY:
-            raise AnsibleParserError("svcreg inventory %s: %s" % (path, missing_registry_message()))
-        options = {name: self.get_option(name) for name in _CONNECTION_OPTIONS}
-        try:
-            with open_client(options) as client:
-                networks = client.list_networks()
-                services = [entry.to_dict() for entry in client.list_services()]
-        except RegistryConnectionError as exc:
-            raise AnsibleParserError("svcreg inventory %s: %s" % (path, exc)) from None
-        except RegistryError as exc:
-            raise AnsibleParserError("svcreg inventory %s: %s" % (path, describe_error(exc, options["url"]))) from None
+            raise AnsibleParserError(f"svcreg inventory {path}: {missing_registry_message()}")
+        options = {name: self.get_option(name) for name in CONNECTION_OPTIONS}
+
+        def failed(message: str) -> AnsibleParserError:
+            return AnsibleParserError(f"svcreg inventory {path}: {message}")
+
+        with reported_as(failed, options["url"]), open_client(options) as client:
+            networks = client.list_networks()
+            services = [entry.to_dict() for entry in client.list_services()]
         return {"networks": networks, "services": services}
 
     def _wanted_networks(self, networks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -209,7 +205,9 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                     self.inventory.set_variable(host, "ansible_host", info.get("ip"))
                 self._add_to_network(host, info.get("network"), chosen.get("location"))
             for entry in entries:
-                self.inventory.add_child(self.inventory.add_group(group_name("service", entry["service_name"])), host_id)
+                self.inventory.add_child(
+                    self.inventory.add_group(group_name("service", entry["service_name"])), host_id
+                )
             self.inventory.set_variable(host_id, "svcreg_services", entries)
         strict = self.get_option("strict")
         for host in hosts:

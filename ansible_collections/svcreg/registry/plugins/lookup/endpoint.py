@@ -81,23 +81,20 @@ from typing import Any
 
 from ansible.errors import AnsibleLookupError
 from ansible.plugins.lookup import LookupBase
+
 from ansible_collections.svcreg.registry.plugins.module_utils.connection import (
+    CONNECTION_OPTIONS,
     HAS_REGISTRY,
-    RegistryConnectionError,
-    describe_error,
     missing_registry_message,
     open_client,
+    reported_as,
 )
 
-if HAS_REGISTRY:
-    from registry.exceptions import RegistryError
-
-_CONNECTION_OPTIONS = ("url", "ca_cert", "token", "client_cert", "client_key", "validate_certs", "timeout")
 _DISTANCE = {"local": 0, "lan": 1, "wireguard": 2}
 
 
 def _address(ip: str, port: int) -> str:
-    return "[%s]:%d" % (ip, port) if ":" in ip else "%s:%d" % (ip, port)
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def endpoint_addresses(records: list[Any], service: str, endpoint: str | None) -> list[str]:
@@ -110,7 +107,7 @@ def endpoint_addresses(records: list[Any], service: str, endpoint: str | None) -
         names = sorted({record.endpoint for record in records})
         if len(names) > 1:
             raise AnsibleLookupError(
-                "service %r has several endpoints (%s): pass endpoint=NAME" % (service, ", ".join(names))
+                "service {!r} has several endpoints ({}): pass endpoint=NAME".format(service, ", ".join(names))
             )
     chosen = [record for record in records if endpoint is None or record.endpoint == endpoint]
     chosen.sort(key=lambda record: (record.state != "running", _DISTANCE.get(str(record.location), 3), record.host_id))
@@ -120,8 +117,8 @@ def endpoint_addresses(records: list[Any], service: str, endpoint: str | None) -
 def _missing_message(service: str, endpoint: str | None, state: str) -> str:
     which = "" if state == "any" else state + " "
     if endpoint:
-        return "no %sinstance of service %r has an endpoint named %r" % (which, service, endpoint)
-    return "no %sinstance of service %r is registered" % (which, service)
+        return f"no {which}instance of service {service!r} has an endpoint named {endpoint!r}"
+    return f"no {which}instance of service {service!r} is registered"
 
 
 class LookupModule(LookupBase):
@@ -129,7 +126,7 @@ class LookupModule(LookupBase):
         self.set_options(var_options=variables, direct=kwargs)
         if not HAS_REGISTRY:
             raise AnsibleLookupError(missing_registry_message())
-        options = {name: self.get_option(name) for name in _CONNECTION_OPTIONS}
+        options = {name: self.get_option(name) for name in CONNECTION_OPTIONS}
         filters = {
             "host_id": self.get_option("host"),
             "location": self.get_option("location"),
@@ -140,18 +137,13 @@ class LookupModule(LookupBase):
             filters["state"] = state
         endpoint = self.get_option("endpoint")
         results: list[str] = []
-        try:
-            with open_client(options) as client:
-                for term in terms:
-                    records = client.list_endpoints(
-                        service_name=str(term), **{key: value for key, value in filters.items() if value is not None}
-                    )
-                    addresses = endpoint_addresses(records, str(term), endpoint)
-                    if not addresses and self.get_option("missing") == "error":
-                        raise AnsibleLookupError(_missing_message(str(term), endpoint, state))
-                    results.extend(addresses[:1] if self.get_option("first") else addresses)
-        except RegistryConnectionError as exc:
-            raise AnsibleLookupError(str(exc)) from None
-        except RegistryError as exc:
-            raise AnsibleLookupError(describe_error(exc, options["url"])) from None
+        with reported_as(AnsibleLookupError, options["url"]), open_client(options) as client:
+            for term in terms:
+                records = client.list_endpoints(
+                    service_name=str(term), **{key: value for key, value in filters.items() if value is not None}
+                )
+                addresses = endpoint_addresses(records, str(term), endpoint)
+                if not addresses and self.get_option("missing") == "error":
+                    raise AnsibleLookupError(_missing_message(str(term), endpoint, state))
+                results.extend(addresses[:1] if self.get_option("first") else addresses)
         return results

@@ -12,6 +12,8 @@ reported with ``missing_required_lib`` instead of a traceback.
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule, env_fallback, missing_required_lib
@@ -30,11 +32,14 @@ try:
 except ImportError:
     HAS_REGISTRY = False
     REGISTRY_IMPORT_ERROR: str | None = traceback.format_exc()
+    _REGISTRY_ERRORS: tuple[type[Exception], ...] = ()
 else:
     HAS_REGISTRY = True
     REGISTRY_IMPORT_ERROR = None
+    _REGISTRY_ERRORS = (RegistryError,)
 
 __all__ = [
+    "CONNECTION_OPTIONS",
     "HAS_REGISTRY",
     "REGISTRY_IMPORT_ERROR",
     "RegistryConnectionError",
@@ -43,6 +48,7 @@ __all__ = [
     "describe_error",
     "missing_registry_message",
     "open_client",
+    "reported_as",
     "run_module",
 ]
 
@@ -60,6 +66,9 @@ def connection_argument_spec() -> dict[str, dict[str, Any]]:
         "validate_certs": {"type": "bool", "default": True},
         "timeout": {"type": "float", "default": 10.0},
     }
+
+
+CONNECTION_OPTIONS = tuple(connection_argument_spec())
 
 
 class RegistryConnectionError(Exception):
@@ -126,19 +135,13 @@ def describe_error(exc: BaseException, url: str | None = None) -> str:
     where = " at %s" % url if url else ""
     if not HAS_REGISTRY or not isinstance(exc, RegistryError):
         return "%s: %s" % (type(exc).__name__, exc)
-    # The registry refuses a bad token during the WebSocket handshake; the client reports that
-    # as ConnectionFailed carrying the HTTP status, which is not a reachability problem.
-    if isinstance(exc, ConnectionFailed) and "HTTP 401" in exc.message:
-        return "the registry%s refused the token (unauthorized): %s; check token/SVCREG_TOKEN" % (where, exc.message)
-    if isinstance(exc, ConnectionFailed) and "HTTP 403" in exc.message:
-        return "the registry%s refused the client (forbidden): %s; check token/SVCREG_TOKEN and client_cert" % (
-            where,
-            exc.message,
-        )
     if isinstance(exc, ConnectionFailed):
-        return "cannot reach the registry%s: %s (is svcreg serve running? check url/SVCREG_URL and ca_cert/SVCREG_CA)" % (
-            where,
-            exc.message,
+        return (
+            "cannot reach the registry%s: %s (is svcreg serve running? check url/SVCREG_URL and ca_cert/SVCREG_CA)"
+            % (
+                where,
+                exc.message,
+            )
         )
     if isinstance(exc, Unauthorized):
         return "the registry%s refused the token (unauthorized): %s; check token/SVCREG_TOKEN" % (where, exc.message)
@@ -154,6 +157,23 @@ def describe_error(exc: BaseException, url: str | None = None) -> str:
     return "registry error (%s): %s" % (exc.code, exc.message)
 
 
+@contextmanager
+def reported_as(error: Callable[[str], BaseException], url: str | None = None) -> Iterator[None]:
+    """Turn what talking to the registry raises into ``error(message)``, worded the same for every plugin.
+
+    Bad connection options, an error from the registry (worded by :func:`describe_error`), or bad task
+    options (a ``ValueError`` naming the option).
+    """
+    try:
+        yield
+    except RegistryConnectionError as exc:
+        raise error(str(exc)) from None
+    except _REGISTRY_ERRORS as exc:
+        raise error(describe_error(exc, url)) from None
+    except ValueError as exc:
+        raise error(str(exc)) from None
+
+
 def run_module(argument_spec: dict[str, dict[str, Any]], runner: Any, host_option: str | None = None) -> None:
     """The body of every svcreg module: validate, connect, run ``runner``, exit.
 
@@ -166,15 +186,8 @@ def run_module(argument_spec: dict[str, dict[str, Any]], runner: Any, host_optio
     params = dict(module.params)
     if host_option and not params.get(host_option):
         module.fail_json(msg="%s is required when the module runs outside a playbook" % host_option)
-    try:
-        with open_client(params) as client:
-            result = runner(client, params, check_mode=module.check_mode)
-    except RegistryConnectionError as exc:
-        module.fail_json(msg=str(exc))
-    except ValueError as exc:
-        module.fail_json(msg=str(exc))
-    except RegistryError as exc:
-        module.fail_json(msg=describe_error(exc, params.get("url")))
+    with reported_as(lambda message: module.fail_json(msg=message), params.get("url")), open_client(params) as client:
+        result = runner(client, params, check_mode=module.check_mode)
     if not module._diff:
         result.pop("diff", None)
     module.exit_json(**result)

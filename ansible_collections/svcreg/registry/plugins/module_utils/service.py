@@ -16,7 +16,8 @@ from ansible_collections.svcreg.registry.plugins.module_utils.connection import 
 
 if HAS_REGISTRY:
     from registry.exceptions import NotFound, ValidationError
-    from registry.model import ServiceEntry
+    from registry.model import BOOKKEEPING_FIELDS, ServiceEntry
+    from registry.query import ServiceQuery
 
 __all__ = [
     "IP_ALLOCATION_ARGUMENT_SPEC",
@@ -30,8 +31,8 @@ __all__ = [
 ]
 
 RUN_STATES = ("starting", "running", "stopped", "failed")
+# Option choices, as documented; tests/unit checks them against registry.model's enums.
 LOCATIONS = ("local", "lan", "wireguard")
-_BOOKKEEPING = ("create_revision", "mod_revision", "updated_at")
 
 SERVICE_ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
     "name": {"type": "str", "required": True, "aliases": ["service_name"]},
@@ -75,7 +76,7 @@ IP_ALLOCATION_ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
 
 def _public(entry: dict[str, Any]) -> dict[str, Any]:
     """An entry without the registry's bookkeeping, endpoints in name order: what a user compares."""
-    data = {key: value for key, value in entry.items() if key not in _BOOKKEEPING}
+    data = {key: value for key, value in entry.items() if key not in BOOKKEEPING_FIELDS}
     data["endpoints"] = sorted(data.get("endpoints") or [], key=lambda endpoint: endpoint["name"])
     return data
 
@@ -89,13 +90,17 @@ def wanted_entry(params: dict[str, Any], current: dict[str, Any] | None) -> dict
     Raises:
         ValueError: the entry is invalid; the message names the option and the value.
     """
-    base = dict(current) if current is not None else {
-        "service_name": params["name"],
-        "host_id": params["host"],
-        "location": "lan",
-        "state": "running",
-        "network_info": {"ip": None, "hostname": None, "network": None},
-    }
+    base = (
+        dict(current)
+        if current is not None
+        else {
+            "service_name": params["name"],
+            "host_id": params["host"],
+            "location": "lan",
+            "state": "running",
+            "network_info": {"ip": None, "hostname": None, "network": None},
+        }
+    )
     base["network_info"] = dict(base.get("network_info") or {})
     if params.get("state") in RUN_STATES:
         base["state"] = params["state"]
@@ -122,7 +127,7 @@ def wanted_entry(params: dict[str, Any], current: dict[str, Any] | None) -> dict
             base[field] = params[option]
     if params.get("version") is not None:
         base["version"] = params["version"]
-    for field in _BOOKKEEPING:
+    for field in BOOKKEEPING_FIELDS:
         base.pop(field, None)
     try:
         return _public(ServiceEntry.from_dict(base).to_dict())
@@ -205,7 +210,9 @@ def run_service_info(client: Any, params: dict[str, Any], *, check_mode: bool = 
         "network": params.get("network"),
         "tag": params.get("tag"),
     }
-    services = client.list_services(**{key: value for key, value in filters.items() if value is not None})
+    # The same filter type the registry and the CLI use: a value one refuses, all refuse.
+    query = ServiceQuery.parse({key: value for key, value in filters.items() if value is not None})
+    services = client.list_services(**query.to_dict())
     return {"changed": False, "services": [entry.to_dict() for entry in services]}
 
 
@@ -216,7 +223,9 @@ def _find_allocation(client: Any, owner: str, network: str) -> dict[str, Any] | 
     return None
 
 
-def _allocation_result(changed: bool, allocation: dict[str, Any] | None, before: dict[str, Any] | None) -> dict[str, Any]:
+def _allocation_result(
+    changed: bool, allocation: dict[str, Any] | None, before: dict[str, Any] | None
+) -> dict[str, Any]:
     allocation = allocation or {}
     return {
         "changed": changed,

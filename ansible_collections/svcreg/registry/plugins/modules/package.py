@@ -40,11 +40,14 @@ options:
   name:
     description:
       - The service (package) name; also the directory under O(install_base).
+      - 1-63 lowercase letters, digits and C(-), starting and ending with a letter or digit (a service name in
+        the registry).
     type: str
     required: true
   version:
     description:
       - The version to deploy. Required when O(state=present), unless O(rollback=true).
+      - 1-64 letters, digits and C(.), C(_), C(+), C(~), C(-), starting with a letter or digit.
     type: str
   state:
     description:
@@ -252,498 +255,74 @@ rollback_error:
 """
 
 import datetime
-import fcntl
-import json
 import os
 import re
-import shlex
 import shutil
-import signal
-import socket
-import subprocess
-import tempfile
-import time
+from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.common.parameters import remove_values
+
 from ansible_collections.svcreg.registry.plugins.module_utils.package_archive import (
     ArchiveError,
     copy_verified,
     extract_archive,
     sha256_file,
 )
+from ansible_collections.svcreg.registry.plugins.module_utils.package_format import (
+    PACKAGE_ARGUMENT_SPEC,
+    PackageRuleError,
+    name_problem,
+    resolve_env,
+    version_problem,
+)
+from ansible_collections.svcreg.registry.plugins.module_utils.package_release import (
+    FAILED,
+    GOOD,
+    PENDING,
+    DeployError,
+    DirectoryLock,
+    Layout,
+    env_file_text,
+    parse_env_file,
+    write_atomic,
+)
+from ansible_collections.svcreg.registry.plugins.module_utils.package_service import ScriptResult, Service
 
-ARGUMENT_SPEC = {
-    "name": {"type": "str", "required": True},
-    "version": {"type": "str"},
-    "state": {"type": "str", "default": "present", "choices": ["present", "absent"]},
-    "rollback": {"type": "bool", "default": False},
-    "install_base": {"type": "path", "default": "/opt"},
-    "src": {"type": "path"},
-    "checksum": {"type": "str"},
-    "manifest": {"type": "dict"},
-    "env": {"type": "dict", "default": {}, "no_log": True},
-    "keep_releases": {"type": "int", "default": 5},
-    "force": {"type": "bool", "default": False},
-    "script_timeout": {"type": "int", "default": 60},
-    "health_timeout": {"type": "float"},
-}
-
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+~-]*$")
-ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-RELEASE_METADATA = ".svcreg-release.json"
-DEFAULT_HEALTH_TIMEOUT = 30.0
-DEFAULT_HEALTH_INTERVAL = 1.0
-PROBE_TIMEOUT = 3.0
-OUTPUT_LIMIT = 64 * 1024
-GOOD = "good"
-FAILED = "failed"
-PENDING = "pending"
+# What a manifest validated by the controller (registry.package.Manifest.to_dict()) always has; a direct
+# call of the module may leave these out.
+MANIFEST_DEFAULTS = {"start": "scripts/start.sh", "stop": "scripts/stop.sh", "health": None, "env": {}}
+HEALTH_DEFAULTS = {"host": "127.0.0.1", "timeout": 30.0, "interval": 0.5}
 
 
-class DeployError(Exception):
-    """A failure reported with ``fail_json``: ``msg`` names what was wrong, ``details`` are extra result keys."""
+def release_manifest(manifest: dict[str, Any], name: str, version: str) -> dict[str, Any]:
+    """The manifest the action plugin validated on the controller (registry.package.Manifest), for this release.
 
-    def __init__(self, msg, **details):
-        super().__init__(msg)
-        self.msg = msg
-        self.details = details
-
-
-class Layout:
-    """The paths under ``<install_base>/<name>`` and the small JSON files kept there."""
-
-    def __init__(self, install_base, name):
-        self.name = name
-        self.base = os.path.join(install_base, name)
-        self.releases = os.path.join(self.base, "releases")
-        self.shared = os.path.join(self.base, "shared")
-        self.env_file = os.path.join(self.shared, "env")
-        self.packages = os.path.join(self.base, "packages")
-        self.current = os.path.join(self.base, "current")
-        self.history_file = os.path.join(self.base, ".svcreg-history.json")
-        self.lock_file = os.path.join(self.base, ".lock")
-
-    def release_dir(self, version):
-        return os.path.join(self.releases, version)
-
-    def package_path(self, version):
-        return os.path.join(self.packages, "%s-%s.tar.gz" % (self.name, version))
-
-    def current_version(self):
-        try:
-            return os.path.basename(os.readlink(self.current).rstrip("/"))
-        except OSError:
-            return None
-
-    def read_release(self, version):
-        """The release's metadata, or None when it is not installed (or its metadata is unreadable)."""
-        try:
-            with open(os.path.join(self.release_dir(version), RELEASE_METADATA)) as stream:
-                metadata = json.load(stream)
-        except (OSError, ValueError):
-            return None
-        return metadata if isinstance(metadata, dict) else None
-
-    def is_good(self, version):
-        metadata = self.read_release(version)
-        return metadata is not None and metadata.get("status") == GOOD
-
-    def write_release(self, version, metadata):
-        write_atomic(os.path.join(self.release_dir(version), RELEASE_METADATA), json.dumps(metadata, indent=2), 0o644)
-
-    def set_status(self, version, status):
-        metadata = self.read_release(version)
-        if metadata is not None:
-            metadata["status"] = status
-            self.write_release(version, metadata)
-
-    def read_history(self):
-        try:
-            with open(self.history_file) as stream:
-                history = json.load(stream)
-        except (OSError, ValueError):
-            return []
-        return [version for version in history if isinstance(version, str)] if isinstance(history, list) else []
-
-    def write_history(self, history):
-        write_atomic(self.history_file, json.dumps(history), 0o644)
-
-    def read_env(self):
-        try:
-            with open(self.env_file) as stream:
-                return stream.read()
-        except OSError:
-            return None
-
-    def installed_versions(self):
-        """The release directories, oldest deployment first."""
-        try:
-            names = [entry for entry in os.listdir(self.releases) if not entry.startswith(".")]
-        except OSError:
-            return []
-        return sorted(names, key=lambda version: ((self.read_release(version) or {}).get("deployed_at") or "", version))
-
-    def switch_current(self, version):
-        """Point ``current`` at the release atomically (a new symlink renamed over the old one)."""
-        tmp = os.path.join(self.base, ".current.tmp-%d" % os.getpid())
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        os.symlink(os.path.join("releases", version), tmp)
-        os.replace(tmp, self.current)
-
-    def remove_current(self):
-        if os.path.lexists(self.current):
-            os.unlink(self.current)
-
-    def remove_release(self, version):
-        shutil.rmtree(self.release_dir(version), ignore_errors=True)
-        package = self.package_path(version)
-        if os.path.lexists(package):
-            os.unlink(package)
-
-
-def write_atomic(path, text, mode):
-    """Write ``text`` to a temporary file beside ``path`` with ``mode``, then rename it over ``path``."""
-    tmp = "%s.tmp-%d" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "w") as stream:
-            os.fchmod(stream.fileno(), mode)
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-
-
-class DirectoryLock:
-    """An exclusive ``flock`` on ``<base>/.lock`` (shared, and only if it exists, when ``create`` is false).
-
-    The lock file is removed with the service (state=absent), so a run that waited for it checks that the
-    file it locked is still the one on disk, and locks the new one otherwise.
+    Its fields are not checked again here; only that it is this release's.
     """
-
-    def __init__(self, layout, create):
-        self.layout = layout
-        self.create = create
-        self.fd = None
-
-    def __enter__(self):
-        while True:
-            if self.create:
-                os.makedirs(self.layout.base, mode=0o755, exist_ok=True)
-                fd = os.open(self.layout.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
-            else:
-                try:
-                    fd = os.open(self.layout.lock_file, os.O_RDONLY)
-                except FileNotFoundError:
-                    return self
-            fcntl.flock(fd, fcntl.LOCK_EX if self.create else fcntl.LOCK_SH)
-            try:
-                on_disk = os.stat(self.layout.lock_file)
-            except FileNotFoundError:
-                on_disk = None
-            locked = os.fstat(fd)
-            if on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == (locked.st_dev, locked.st_ino):
-                self.fd = fd
-                return self
-            os.close(fd)
-
-    def __exit__(self, *exc_info):
-        if self.fd is not None:
-            os.close(self.fd)
-
-
-class ScriptResult:
-    def __init__(self, rc, stdout, stderr, timed_out=False):
-        self.rc = rc
-        self.stdout = stdout
-        self.stderr = stderr
-        self.timed_out = timed_out
-
-    @property
-    def ok(self):
-        return self.rc == 0
-
-    def as_dict(self):
-        return {"rc": self.rc, "stdout": self.stdout, "stderr": self.stderr}
-
-
-def _read_tail(stream):
-    size = stream.seek(0, os.SEEK_END)
-    stream.seek(max(0, size - OUTPUT_LIMIT))
-    return stream.read(OUTPUT_LIMIT).decode("utf-8", "replace")
-
-
-def run_program(argv, cwd, env, timeout):
-    """Run ``argv`` in its own session, output to temporary files; kill its process group after ``timeout``.
-
-    Pipes would not do: a daemon started by a start script inherits them, and reading a pipe until its end
-    would then wait for the daemon to exit.
-    """
-    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-        try:
-            process = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, start_new_session=True
-            )
-        except OSError as error:
-            return ScriptResult(None, "", "cannot run %s: %s" % (argv[0], error))
-        try:
-            rc = process.wait(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait()
-            rc, timed_out = None, True
-        return ScriptResult(rc, _read_tail(stdout), _read_tail(stderr), timed_out)
-
-
-def relative_path(value, what):
-    """A path inside the release: relative, without ``..``."""
-    if not isinstance(value, str) or not value or "\x00" in value:
-        raise DeployError("%s must be a non-empty path, got %r" % (what, value))
-    if value.startswith("/") or ".." in value.split("/"):
-        raise DeployError("%s %r must be a path inside the package (relative, without '..')" % (what, value))
-    return value
-
-
-def positive_number(value, default, what):
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise DeployError("%s must be a positive number, got %r" % (what, value))
-    return float(value)
-
-
-def checked_manifest(manifest, name, version):
-    """The manifest's fields the module uses, after checking them (the controller checked them already)."""
     for field, wanted in (("name", name), ("version", version)):
         if manifest.get(field) != wanted:
             raise DeployError("manifest %s %r does not match %s %r" % (field, manifest.get(field), field, wanted))
-    health = manifest.get("health")
-    if health is not None:
-        if not isinstance(health, dict) or ("tcp" in health) == ("command" in health):
-            raise DeployError("manifest health must be null or have either 'tcp' or 'command', got %r" % (health,))
-        checked = {
-            "timeout": positive_number(health.get("timeout"), DEFAULT_HEALTH_TIMEOUT, "manifest health.timeout"),
-            "interval": positive_number(health.get("interval"), DEFAULT_HEALTH_INTERVAL, "manifest health.interval"),
-        }
-        if "tcp" in health:
-            port = health["tcp"]
-            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-                raise DeployError("manifest health.tcp must be a port number, got %r" % (port,))
-            checked.update(tcp=port, host=str(health.get("host") or "127.0.0.1"))
-        else:
-            if not isinstance(health["command"], str) or not shlex.split(health["command"]):
-                raise DeployError("manifest health.command must be a command line, got %r" % (health["command"],))
-            checked["command"] = health["command"]
-        health = checked
-    defaults = manifest.get("env") or {}
-    if not isinstance(defaults, dict):
-        raise DeployError("manifest env must be a mapping, got %r" % (defaults,))
-    for key, value in defaults.items():
-        if not ENV_NAME_PATTERN.match(str(key)) or not (value is None or isinstance(value, str)):
-            raise DeployError("manifest env %r: the name must be a variable name and the default a string or null" % key)
-    return {
-        "name": name,
-        "version": version,
-        "start": relative_path(manifest.get("start"), "manifest start"),
-        "stop": relative_path(manifest.get("stop"), "manifest stop"),
-        "health": health,
-        "env": defaults,
-    }
+    release = dict(MANIFEST_DEFAULTS, **manifest)
+    if release["health"]:
+        release["health"] = dict(HEALTH_DEFAULTS, **release["health"])
+    release["env"] = release["env"] or {}
+    return release
 
 
-def wanted_env(manifest, values):
-    """The manifest's defaults overridden by ``values``; fails naming every required variable without a value."""
-    for key, value in values.items():
-        if not ENV_NAME_PATTERN.match(key) or key.startswith("SVCREG_"):
-            raise DeployError("env: %r is not a valid environment variable name (SVCREG_* are reserved)" % key)
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise DeployError("env: the value of %s must be a string or a number" % key)
-    env = {key: value for key, value in manifest["env"].items() if value is not None}
-    env.update((key, str(value)) for key, value in values.items())
-    missing = sorted(key for key, value in manifest["env"].items() if value is None and key not in env)
-    if missing:
-        raise DeployError(
-            "%s %s needs environment variables without a default: %s; pass them in env"
-            % (manifest["name"], manifest["version"], ", ".join(missing))
-        )
-    return env
-
-
-def env_file_text(env):
-    lines = ["# Written by svcreg.registry.package; changes are overwritten by the next deployment.\n"]
-    lines.extend("export %s=%s\n" % (key, shlex.quote(env[key])) for key in sorted(env))
-    return "".join(lines)
-
-
-def parse_env_file(text):
-    """The variables of an env file as written by :func:`env_file_text` (``{}`` when it cannot be parsed)."""
+def wanted_env(manifest: dict[str, Any], values: dict[str, Any]) -> dict[str, str]:
+    """The manifest's defaults overridden by ``values``; names not in the manifest are passed on too."""
+    package = "%s %s" % (manifest["name"], manifest["version"])
     try:
-        words = shlex.split(text or "", comments=True)
-    except ValueError:
-        return {}
-    return dict(word.split("=", 1) for word in words if "=" in word)
-
-
-class Service:
-    """Starting, stopping and checking the releases of one service."""
-
-    def __init__(self, module, layout):
-        self.module = module
-        self.layout = layout
-        self.script_timeout = module.params["script_timeout"]
-        self.health_timeout = module.params["health_timeout"]
-
-    def warn(self, message):
-        # Warnings are not masked like the rest of the result (ansible-core 2.19 sends them as objects).
-        self.module.warn(remove_values(message, self.module.no_log_values))
-
-    def environment(self, version, env):
-        environ = dict(os.environ)
-        environ.update(env)
-        environ.update(
-            SVCREG_NAME=self.layout.name,
-            SVCREG_VERSION=version,
-            SVCREG_RELEASE_DIR=self.layout.release_dir(version),
-            SVCREG_SHARED_DIR=self.layout.shared,
-        )
-        return environ
-
-    def executable(self, directory, relative, what):
-        """The absolute path of a script of the release in ``directory``; fails unless it is an executable file there."""
-        path = os.path.join(directory, relative)
-        real_dir = os.path.realpath(directory)
-        if os.path.commonpath([os.path.realpath(path), real_dir]) != real_dir:
-            raise DeployError("%s %s of %s resolves outside %s" % (what, relative, self.layout.name, directory))
-        try:
-            mode = os.stat(path).st_mode
-        except OSError as error:
-            raise DeployError("%s %s is missing in %s: %s" % (what, relative, directory, error.strerror)) from None
-        if not os.path.isfile(path):
-            raise DeployError("%s %s in %s is not a regular file" % (what, relative, directory))
-        if not mode & 0o111:
-            raise DeployError("%s %s in %s is not executable (mode %04o)" % (what, relative, directory, mode & 0o7777))
-        return path
-
-    def health_argv(self, directory, command):
-        argv = shlex.split(command)
-        if "/" in argv[0] and not argv[0].startswith("/"):
-            argv[0] = self.executable(directory, argv[0], "health command")
-        return argv
-
-    def preflight(self, directory, manifest):
-        """Fail before anything is stopped if the new release's scripts cannot run."""
-        self.executable(directory, manifest["start"], "start script")
-        self.executable(directory, manifest["stop"], "stop script")
-        if manifest["health"] and "command" in manifest["health"]:
-            self.health_argv(directory, manifest["health"]["command"])
-
-    def start(self, version, manifest, env):
-        directory = self.layout.release_dir(version)
-        try:
-            script = self.executable(directory, manifest["start"], "start script")
-        except DeployError as error:
-            return ScriptResult(None, "", error.msg)
-        return run_program([script], directory, self.environment(version, env), self.script_timeout)
-
-    def stop(self, version, env):
-        """Run the release's stop script; a failure is a warning, never fatal."""
-        metadata = self.layout.read_release(version)
-        manifest = (metadata or {}).get("manifest")
-        if not manifest:
-            self.warn("cannot stop %s %s: its release metadata is missing" % (self.layout.name, version))
-            return
-        directory = self.layout.release_dir(version)
-        try:
-            script = self.executable(directory, manifest["stop"], "stop script")
-        except DeployError as error:
-            self.warn("cannot stop %s %s: %s" % (self.layout.name, version, error.msg))
-            return
-        result = run_program([script], directory, self.environment(version, env), self.script_timeout)
-        if not result.ok:
-            self.warn(
-                "stop script %s of %s %s %s; stderr: %s"
-                % (manifest["stop"], self.layout.name, version, script_failure(result, self.script_timeout), result.stderr)
-            )
-
-    def probe(self, version, health, env, timeout):
-        """Probe the release's health once; return (ok, what happened, the failed command's result or None)."""
-        if "tcp" in health:
-            address = "%s:%d" % (health["host"], health["tcp"])
-            try:
-                socket.create_connection((health["host"], health["tcp"]), timeout=timeout).close()
-            except OSError as error:
-                return False, "no TCP connection to %s (%s)" % (address, error), None
-            return True, "%s accepted a TCP connection" % address, None
-        directory = self.layout.release_dir(version)
-        try:
-            argv = self.health_argv(directory, health["command"])
-        except DeployError as error:
-            return False, error.msg, None
-        result = run_program(argv, directory, self.environment(version, env), timeout)
-        if result.ok:
-            return True, "%s exited 0" % health["command"], None
-        return False, "%s %s" % (health["command"], script_failure(result, timeout)), result
-
-    def health_check(self, version, manifest, env, quick=False):
-        """Probe until the health check passes or times out (once, shortly, when ``quick``).
-
-        Returns:
-            (ok, detail, the failed command's result or None); ok is None when there is no health check.
-        """
-        health = manifest["health"]
-        if not health:
-            return None, "the manifest defines no health check", None
-        timeout = self.health_timeout or health["timeout"]
-        began = time.monotonic()
-        deadline = began + (min(timeout, PROBE_TIMEOUT) if quick else timeout)
-        while True:
-            ok, detail, result = self.probe(version, health, env, max(deadline - time.monotonic(), 0.1))
-            left = deadline - time.monotonic()
-            if ok or quick or left <= 0:
-                return ok, "%s after %.1f s" % (detail, time.monotonic() - began), result
-            time.sleep(min(health["interval"], left))
-
-    def start_and_check(self, version, manifest, env):
-        """Start the release and check its health.
-
-        Returns:
-            (start result, health dict or None, failure message or None, the failed script's result or None).
-        """
-        started = self.start(version, manifest, env)
-        if not started.ok:
-            failure = "start script %s of %s %s %s" % (
-                manifest["start"], self.layout.name, version, script_failure(started, self.script_timeout))
-            return started, None, failure, started
-        ok, detail, failed = self.health_check(version, manifest, env)
-        health = {"ok": ok, "detail": detail}
-        if ok is False:
-            return started, health, "health check of %s %s failed: %s" % (self.layout.name, version, detail), failed or started
-        return started, health, None, None
-
-
-def script_failure(result, timeout):
-    if result.timed_out:
-        return "did not finish within %s s and was killed" % timeout
-    if result.rc is None:
-        return "could not run: %s" % result.stderr
-    return "exited with %d" % result.rc
+        return resolve_env(package, manifest["env"], values, declared_only=False)
+    except PackageRuleError as error:
+        raise DeployError(error.message) from None
 
 
 class Deployment:
     """One run of the module for state=present, rollback or absent, under the service's lock."""
 
-    def __init__(self, module):
+    def __init__(self, module: AnsibleModule) -> None:
         self.module = module
         self.params = module.params
         self.check_mode = module.check_mode
@@ -751,7 +330,9 @@ class Deployment:
         self.layout = Layout(self.params["install_base"], self.name)
         self.service = Service(module, self.layout)
 
-    def result(self, changed, action, version, previous, **extra):
+    def result(
+        self, changed: bool, action: str, version: str | None, previous: str | None, **extra: Any
+    ) -> dict[str, Any]:
         layout = self.layout
         metadata = layout.read_release(version) if version else None
         result = {
@@ -771,13 +352,13 @@ class Deployment:
 
     # state=present
 
-    def present(self):
+    def present(self) -> dict[str, Any]:
         params = self.params
         version = params["version"]
         checksum = params["checksum"].lower()
         if not SHA256_PATTERN.match(checksum):
             raise DeployError("checksum must be a sha256 hex digest (64 hex digits), got %r" % params["checksum"])
-        manifest = checked_manifest(params["manifest"], self.name, version)
+        manifest = release_manifest(params["manifest"], self.name, version)
         env = wanted_env(manifest, params["env"])
         env_text = env_file_text(env)
         layout = self.layout
@@ -799,7 +380,7 @@ class Deployment:
             reuse = same_package and not params["force"]
             return self.deploy(version, checksum, manifest, env, env_text, current, old_env_text, reuse)
 
-    def keep_running(self, version, manifest, env):
+    def keep_running(self, version: str, manifest: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
         """The release is current and unchanged: probe it once, restart it if the probe fails."""
         service = self.service
         if self.check_mode and manifest["health"] and "command" in manifest["health"]:
@@ -821,7 +402,17 @@ class Deployment:
             )
         return self.result(True, "restarted", version, version, health=health, start=started.as_dict())
 
-    def deploy(self, version, checksum, manifest, env, env_text, current, old_env_text, reuse):
+    def deploy(
+        self,
+        version: str,
+        checksum: str,
+        manifest: dict[str, Any],
+        env: dict[str, str],
+        env_text: str,
+        current: str | None,
+        old_env_text: str | None,
+        reuse: bool,
+    ) -> dict[str, Any]:
         layout = self.layout
         for directory in (layout.releases, layout.packages):
             os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -845,29 +436,32 @@ class Deployment:
         finally:
             if unpacked is not None:
                 shutil.rmtree(unpacked, ignore_errors=True)
-        layout.write_release(version, {
-            "version": version,
-            "checksum": checksum,
-            "status": PENDING,
-            "deployed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
-            "manifest": manifest,
-        })
+        layout.write_release(
+            version,
+            {
+                "version": version,
+                "checksum": checksum,
+                "status": PENDING,
+                "deployed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
+                "manifest": manifest,
+            },
+        )
         layout.switch_current(version)
         started, health = self.activate(version, manifest, env, current, fallback, old_env_text)
         layout.set_status(version, GOOD)
         history = [entry for entry in layout.read_history() if entry != version]
-        layout.write_history(history + [version])
+        layout.write_history([*history, version])
         self.prune(version)
         return self.result(True, "deployed", version, current, health=health, start=started.as_dict())
 
-    def previous_good(self, version, current):
+    def previous_good(self, version: str, current: str | None) -> str | None:
         """The release to go back to if ``version`` fails: the current one if good, else the latest good in history."""
-        for candidate in [current] + self.layout.read_history()[::-1]:
+        for candidate in [current, *self.layout.read_history()[::-1]]:
             if candidate and candidate != version and self.layout.is_good(candidate):
                 return candidate
         return None
 
-    def unpack(self, version, checksum):
+    def unpack(self, version: str, checksum: str) -> str:
         """Verify and cache the tarball, then unpack it into a temporary directory under releases/."""
         layout = self.layout
         cached = layout.package_path(version)
@@ -899,7 +493,7 @@ class Deployment:
             raise DeployError("package %s refused: %s" % (cached, error)) from None
         return tmp
 
-    def replace_release(self, version, unpacked):
+    def replace_release(self, version: str, unpacked: str) -> None:
         """Move the unpacked release into place, replacing a failed (or, with force, any) one of that version."""
         target = self.layout.release_dir(version)
         if os.path.lexists(target):
@@ -910,7 +504,15 @@ class Deployment:
         else:
             os.rename(unpacked, target)
 
-    def activate(self, version, manifest, env, previous, fallback, fallback_env_text):
+    def activate(
+        self,
+        version: str,
+        manifest: dict[str, Any],
+        env: dict[str, str],
+        previous: str | None,
+        fallback: str | None,
+        fallback_env_text: str | None,
+    ) -> tuple[ScriptResult, dict[str, Any] | None]:
         """Start the (already current) release; on failure go back to ``fallback`` and raise DeployError."""
         layout, service = self.layout, self.service
         started, health, failure, failed = service.start_and_check(version, manifest, env)
@@ -933,10 +535,20 @@ class Deployment:
                 failure += "; %s %s is current again" % (self.name, fallback)
             else:
                 failure += "; %s %s is current again but failed too: %s" % (self.name, fallback, rollback_error)
-        raise DeployError(failure, **self.failure_details(
-            version, previous, started, health, failed, fallback, rollback_error))
+        raise DeployError(
+            failure, **self.failure_details(version, previous, started, health, failed, fallback, rollback_error)
+        )
 
-    def failure_details(self, version, previous, started, health, failed, rolled_back_to, rollback_error):
+    def failure_details(
+        self,
+        version: str,
+        previous: str | None,
+        started: ScriptResult,
+        health: dict[str, Any] | None,
+        failed: ScriptResult | None,
+        rolled_back_to: str | None,
+        rollback_error: str | None,
+    ) -> dict[str, Any]:
         return {
             "name": self.name,
             "version": version,
@@ -951,7 +563,7 @@ class Deployment:
             "rollback_error": rollback_error,
         }
 
-    def prune(self, current):
+    def prune(self, current: str) -> None:
         """Remove failed releases and the good ones beyond keep_releases (oldest first), with their tarballs."""
         layout = self.layout
         for entry in os.listdir(layout.releases):
@@ -975,7 +587,7 @@ class Deployment:
 
     # rollback: true
 
-    def rollback(self):
+    def rollback(self) -> dict[str, Any]:
         layout = self.layout
         with DirectoryLock(layout, create=not self.check_mode):
             current = layout.current_version()
@@ -994,14 +606,16 @@ class Deployment:
             self.service.stop(current, env)
             layout.switch_current(target)
             fallback = current if (layout.read_release(current) or {}).get("manifest") else None
-            started, health = self.activate(target, layout.read_release(target)["manifest"], env, current, fallback, None)
+            started, health = self.activate(
+                target, layout.read_release(target)["manifest"], env, current, fallback, None
+            )
             layout.remove_release(current)
             layout.write_history([v for v in history if v not in (current, target)] + [target])
             return self.result(True, "rolled_back", target, current, health=health, start=started.as_dict())
 
     # state=absent
 
-    def absent(self):
+    def absent(self) -> dict[str, Any]:
         layout = self.layout
         if not os.path.lexists(layout.base):
             return self.result(False, "absent", None, None)
@@ -1017,9 +631,10 @@ class Deployment:
             return result
 
 
-def check_params(params):
-    if not NAME_PATTERN.match(params["name"]):
-        raise DeployError("name %r must be letters, digits, '.', '_' and '-', starting with a letter or digit" % params["name"])
+def check_params(params: dict[str, Any]) -> None:
+    problem = name_problem(params["name"])
+    if problem:
+        raise DeployError(problem)
     if params["state"] == "absent":
         if params["rollback"]:
             raise DeployError("rollback=true needs state=present")
@@ -1035,15 +650,13 @@ def check_params(params):
     missing = [option for option in ("version", "checksum", "manifest") if params[option] is None]
     if missing:
         raise DeployError("state=present needs %s (unless rollback=true)" % ", ".join(missing))
-    if not VERSION_PATTERN.match(params["version"]):
-        raise DeployError(
-            "version %r must be letters, digits, '.', '_', '+', '~' and '-', starting with a letter or digit"
-            % params["version"]
-        )
+    problem = version_problem(params["version"])
+    if problem:
+        raise DeployError(problem)
 
 
-def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+def main() -> None:
+    module = AnsibleModule(argument_spec=PACKAGE_ARGUMENT_SPEC, supports_check_mode=True)
     try:
         check_params(module.params)
         deployment = Deployment(module)

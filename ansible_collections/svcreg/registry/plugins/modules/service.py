@@ -107,7 +107,8 @@ attributes:
     support: full
     description: Returns the instance before and after.
 notes:
-  - Set the connection options once per play with C(module_defaults) and the C(group/svcreg.registry.registry) action group.
+  - Set the connection options once per play with C(module_defaults) and the
+    C(group/svcreg.registry.registry) action group.
 """
 
 EXAMPLES = r"""
@@ -149,7 +150,8 @@ EXAMPLES = r"""
 
 RETURN = r"""
 service:
-  description: The instance as the registry holds it after the task (the predicted one in check mode); empty when absent.
+  description: The instance as the registry holds it after the task (the predicted one in check mode); empty when
+    absent.
   returned: always
   type: dict
   sample:

@@ -15,22 +15,19 @@ registry inventory can register "this host's" instance without naming it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from ansible.errors import AnsibleActionFail
 from ansible.module_utils.common.parameters import remove_values
 from ansible.plugins.action import ActionBase
+
 from ansible_collections.svcreg.registry.plugins.module_utils.connection import (
     HAS_REGISTRY,
-    RegistryConnectionError,
     connection_argument_spec,
-    describe_error,
     missing_registry_message,
     open_client,
+    reported_as,
 )
-
-if HAS_REGISTRY:
-    from registry.exceptions import RegistryError
 
 __all__ = ["RegistryAction"]
 
@@ -38,7 +35,7 @@ __all__ = ["RegistryAction"]
 class RegistryAction(ActionBase):
     """Subclasses set ARGUMENT_SPEC and HOST_OPTION and implement :meth:`run_with_client`."""
 
-    ARGUMENT_SPEC: dict[str, dict[str, Any]] = {}
+    ARGUMENT_SPEC: ClassVar[dict[str, dict[str, Any]]] = {}
     HOST_OPTION: str | None = None
     TRANSFERS_FILES = False
     _requires_connection = False
@@ -59,16 +56,8 @@ class RegistryAction(ActionBase):
             params[self.HOST_OPTION] = task_vars.get("inventory_hostname")
         if not HAS_REGISTRY:
             raise AnsibleActionFail(missing_registry_message("on the controller, where svcreg.registry modules run"))
-        url = params.get("url")
-        try:
-            with open_client(params) as client:
-                result.update(self.run_with_client(client, params, check_mode=bool(self._task.check_mode)))
-        except RegistryConnectionError as exc:
-            raise AnsibleActionFail(str(exc)) from None
-        except ValueError as exc:
-            raise AnsibleActionFail(str(exc)) from None
-        except RegistryError as exc:
-            raise AnsibleActionFail(describe_error(exc, url)) from None
+        with reported_as(AnsibleActionFail, params.get("url")), open_client(params) as client:
+            result.update(self.run_with_client(client, params, check_mode=bool(self._task.check_mode)))
         if not self._task.diff:
             result.pop("diff", None)
         return remove_values(result, no_log_values)

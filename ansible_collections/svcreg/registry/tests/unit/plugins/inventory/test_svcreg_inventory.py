@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from ansible.inventory.data import InventoryData
+
 from ansible_collections.svcreg.registry.plugins.inventory.registry import InventoryModule
 
 DATA = {

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
 from ansible.errors import AnsibleLookupError
+
 from ansible_collections.svcreg.registry.plugins.lookup.endpoint import endpoint_addresses
-from registry.model import EndpointRecord
-from registry.model import Location, ServiceState
+from registry.model import EndpointRecord, Location, ServiceState
 
 
 def record(host: str, ip: str, port: int, location: str = "lan", name: str = "http", state: str = "running"):
@@ -21,7 +20,12 @@ def test_best_first_running_then_nearest_then_host() -> None:
         record("a", "192.168.1.2", 80),
         record("z", "127.0.0.1", 80, "local", state="stopped"),
     ]
-    assert endpoint_addresses(records, "api", "http") == ["192.168.1.2:80", "192.168.1.3:80", "10.0.0.2:80", "127.0.0.1:80"]
+    assert endpoint_addresses(records, "api", "http") == [
+        "192.168.1.2:80",
+        "192.168.1.3:80",
+        "10.0.0.2:80",
+        "127.0.0.1:80",
+    ]
 
 
 def test_ipv6_is_bracketed() -> None:

@@ -7,12 +7,15 @@ from typing import Any
 import pytest
 
 from ansible_collections.svcreg.registry.plugins.module_utils.service import (
+    LOCATIONS,
+    RUN_STATES,
     run_ip_allocation,
     run_service,
+    run_service_info,
     wanted_entry,
 )
-from registry.exceptions import ServiceNotFound
-from registry.model import ServiceEntry
+from registry.exceptions import ServiceNotFound, ValidationError
+from registry.model import Location, ServiceEntry, ServiceState
 
 
 class FakeClient:
@@ -129,3 +132,24 @@ def test_ip_allocation_is_idempotent_and_releases() -> None:
     assert run_ip_allocation(client, gone, check_mode=False)["changed"]
     assert not run_ip_allocation(client, gone, check_mode=False)["changed"]
     assert client.writes == ["allocate", "release"]
+
+
+def test_option_choices_are_the_models() -> None:
+    assert list(RUN_STATES) == [state.value for state in ServiceState]
+    assert list(LOCATIONS) == [location.value for location in Location]
+
+
+def test_service_info_filters_go_through_the_registrys_query() -> None:
+    class Listing:
+        def list_services(self, **filters: Any) -> list[ServiceEntry]:
+            self.filters = filters
+            return []
+
+    client = Listing()
+    assert run_service_info(client, {"name": "api", "state": "running", "tag": None}) == {
+        "changed": False,
+        "services": [],
+    }
+    assert client.filters == {"service_name": "api", "state": "running"}
+    with pytest.raises(ValidationError, match=r"filter\.network"):
+        run_service_info(client, {"network": "x" * 300})
