@@ -8,7 +8,7 @@ VAR := var
 SVCREG_HOME ?= $(VAR)/svcreg
 NETWORKS ?= inventories/services.yaml
 
-.PHONY: run test test-fast lint typecheck bench venv system-deps clean sanity units molecule
+.PHONY: run test test-fast lint bench venv system-deps clean sanity units molecule
 
 $(INSTALLED): pyproject.toml
 	@scripts/ensure-python-venv "$(PYTHON)"
@@ -51,15 +51,12 @@ molecule: $(INSTALLED)
 	@scripts/build-node-image >/dev/null
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" molecule test --all
 
-## typecheck: mypy (strict) on registry/ (not yet clean: joins `make lint` once it is)
-typecheck: $(INSTALLED)
-	$(PY) -m mypy
-
-## lint: ruff on the Python, ansible-lint on the playbooks and the molecule scenarios
-## (config in .ansible-lint: offline, production profile)
+## lint: ruff on the Python (the collection too), mypy (strict) on registry/, ansible-lint on the playbooks and
+## the molecule scenarios (config in .ansible-lint: offline, production profile)
 lint: $(INSTALLED)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ansible-lint playbooks/*.yml molecule/*/*.yml molecule/shared/tasks/*.yml \
 		.config/molecule/config.yml
 

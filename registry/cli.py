@@ -101,7 +101,7 @@ def _parse_endpoint(text: str) -> Endpoint:
     port, _, protocol = rest.partition("/")
     if not name or not port.isdigit():
         raise ValidationError(f"endpoint {text!r} is not NAME:PORT[/tcp|udp]", field="endpoint")
-    return Endpoint(name, int(port), protocol or "tcp")
+    return Endpoint.from_dict({"name": name, "port": int(port), "protocol": protocol or "tcp"}, path="endpoint")
 
 
 def _parse_pairs(pairs: list[str] | None, what: str) -> dict[str, str]:

@@ -207,7 +207,7 @@ class Handlers:
         return {"name": entry.name, "role": entry.role.label}
 
     def _matching(self, session: Session, query: ServiceQuery) -> list[ServiceEntry]:
-        return session.visibility.filter(self.registry.list_services(**query.to_dict()))
+        return session.visibility.filter(self.registry.list_services(query))
 
     async def list_services(self, session: Session, params: ServiceQuery) -> Any:
         return self._matching(session, params)
@@ -227,7 +227,7 @@ class Handlers:
         visible = {entry.key for entry in self._matching(session, params)}
         return [
             record
-            for record in self.registry.list_endpoints(**params.to_dict())
+            for record in self.registry.list_endpoints(params)
             if (record.service_name, record.host_id) in visible
         ]
 

@@ -98,7 +98,7 @@ def _package_rows(package: Package) -> Rows:
         ["file", str(package.path)],
         ["name", manifest.name],
         ["version", manifest.version],
-        ["description", manifest.description],
+        ["description", manifest.description or "-"],
         ["sha256", package.sha256],
         ["size", f"{package.size:,} bytes ({package.unpacked_size:,} unpacked, {len(package.members)} members)"],
         ["endpoints", ", ".join(f"{e.name}:{e.port}/{e.protocol}" for e in manifest.endpoints) or "-"],
