@@ -2,7 +2,8 @@
 
 The server runs on its own event loop in a thread (Selenium blocks); services are written through the
 WebSocket API with the blocking client, as any agent would. Screenshots of each view go to
-tests/output/ (gitignored). Chromium trusts the test server by the SPKI pin of its certificate.
+tests/output/ (which ignores itself in git); SVCREG_UPDATE_SCREENSHOTS=1 also refreshes
+docs/img/ui-services.png for the README. Chromium trusts the test server by the SPKI pin of its certificate.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import http.client
+import os
 import shutil
 import ssl
 import threading
@@ -25,23 +27,27 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from registry import NetworkConfig, NetworkManager, Registry, ValidationError, webui
 from registry.auth import Role, TokenRegistry
 from registry.client import BlockingClient, ConnectionSettings
+from registry.config import DeployConfig
+from registry.jobs import DeployJobs
 from registry.model import Location, ServiceEntry
+from registry.package import build_package
 from registry.server import WsServer
 from registry.tls import TlsClientConfig, TlsServerConfig
 
 from .helpers import free_port, make_entry
+from .test_jobs import EXAMPLE, HeldDeployer
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = Path(__file__).resolve().parent / "output"
@@ -59,7 +65,9 @@ T = TypeVar("T")
 class UiServer:
     """A WsServer with the repository's services.yaml, on a loop thread, restartable on the same port."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, deploys: bool = False) -> None:
+        self.directory = directory
+        self.deployer: HeldDeployer | None = HeldDeployer() if deploys else None
         ca = trustme.CA()
         leaf = ca.issue_cert("localhost", "127.0.0.1")
         self.cert, self.key, self.ca_file = directory / "server.crt", directory / "server.key", directory / "ca.crt"
@@ -91,12 +99,18 @@ class UiServer:
     def start(self) -> None:
         async def start() -> None:
             self.registry = Registry.with_persistence(self.db, networks=self.config)
+            jobs = None
+            if self.deployer is not None:
+                deploy = DeployConfig(self.directory / "packages", self.directory / "work", self.directory / "kh")
+                self.package = build_package(EXAMPLE, deploy.packages_dir).path.name
+                jobs = DeployJobs(self.deployer, deploy, self.config)
             self.server = await WsServer.new_tls(
                 ("127.0.0.1", self.port),
                 self.registry,
                 TlsServerConfig.from_files(self.cert, self.key),
                 tokens=self.token_registry,
                 networks=NetworkManager(self.config, store=self.registry.store),
+                deploys=jobs,
             )
 
         self.run(start())
@@ -110,6 +124,8 @@ class UiServer:
         self.run(stop())
 
     def close(self) -> None:
+        if self.deployer is not None:
+            self.deployer.release.set()
         self.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
@@ -195,7 +211,9 @@ def browser(server: UiServer, chromium_paths: tuple[str, str]) -> Iterator[WebDr
 
 
 def wait(driver: WebDriver, condition: Callable[[WebDriver], T], timeout: float = 5.0) -> T:
-    return WebDriverWait(driver, timeout, poll_frequency=0.02).until(condition)
+    # The page replaces elements as data changes: a handle that went stale is just polled again.
+    waiting = WebDriverWait(driver, timeout, poll_frequency=0.02, ignored_exceptions=(StaleElementReferenceException,))
+    return waiting.until(condition)
 
 
 def visible(driver: WebDriver, css: str) -> bool:
@@ -381,11 +399,14 @@ def test_services_appear_and_change_live(server: UiServer, browser: WebDriver) -
     search.clear()
     search.send_keys(" ")  # an input event; blank search shows everything
     wait(browser, lambda d: d.find_element(By.ID, "service-count").text == "2 of 2 instances")
+    browser.execute_script(
+        "const search = document.getElementById('service-search'); search.value = '';"
+        " search.dispatchEvent(new Event('input')); search.blur()"
+    )
     time.sleep(1.5)  # the changed rows' flash fades
     screenshot(browser, "services")
-    docs = ROOT / "docs" / "img"
-    docs.mkdir(exist_ok=True)
-    browser.save_screenshot(str(docs / "ui-services.png"))
+    if os.environ.get("SVCREG_UPDATE_SCREENSHOTS"):  # the README's picture, refreshed on request only
+        browser.save_screenshot(str(ROOT / "docs" / "img" / "ui-services.png"))
 
 
 def test_a_write_asks_for_confirmation_and_a_read_token_sees_no_write_controls(
@@ -470,14 +491,43 @@ def test_networks_show_usage_and_owners(server: UiServer, browser: WebDriver) ->
         client.allocate_ip("gone", "production")
     sign_in(browser, server)
     go(browser, "networks")
-    card = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, '[data-network="production"]'))
-    wait(browser, lambda d: "2 used" in card.text)
-    owners = {e.text for e in card.find_elements(By.CSS_SELECTOR, "tbody tr")}
+    card = '[data-network="production"]'
+    wait(browser, lambda d: "2 used" in d.find_element(By.CSS_SELECTOR, card).text)
+    owners = browser.execute_script(
+        "return [...document.querySelectorAll(arguments[0] + ' tbody tr')].map(row => row.innerText)", card
+    )
     assert any(text.startswith("api") and "orphaned" not in text for text in owners)
     assert any(text.startswith("gone orphaned") for text in owners)
     screenshot(browser, "networks")
-    go(browser, "deploys")
-    screenshot(browser, "deploys")
+
+
+def test_an_admin_deploys_and_sees_the_progress(tmp_path: Path, chromium_paths: tuple[str, str]) -> None:
+    server = UiServer(tmp_path, deploys=True)
+    driver = open_browser(server, chromium_paths)
+    try:
+        sign_in(driver, server)
+        go(driver, "deploys")
+        driver.find_element(By.ID, "deploy-package").send_keys(server.package)
+        Select(driver.find_element(By.ID, "deploy-node")).select_by_visible_text("prod-api")
+        driver.find_element(By.ID, "deploy-env").send_keys("HELLO_GREETING=hi")
+        driver.find_element(By.CSS_SELECTOR, "#deploy-form button[type=submit]").click()
+        wait(driver, lambda d: d.find_element(By.ID, "confirm").is_displayed())
+        driver.find_element(By.ID, "confirm-ok").click()
+        progress = '#job-detail [data-host="prod-api"] li'
+        wait(driver, lambda d: "Deploy (started)" in d.find_element(By.CSS_SELECTOR, progress).text)
+        assert "running" in driver.find_element(By.ID, "job-detail").text
+        assert server.deployer is not None
+        assert server.deployer.calls[0][1] == {"HELLO_GREETING": "hi"}
+        server.deployer.release.set()
+        wait(driver, lambda d: "successful" in d.find_element(By.CSS_SELECTOR, "#job-detail h3").text)
+        outcome = '#job-detail [data-host="prod-api"] h4'
+        wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, outcome).text == "prod-api deployed 1.0.0")
+        wait(driver, lambda d: "successful" in d.find_element(By.ID, "job-rows").text)
+        screenshot(driver, "deploys")
+        assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+    finally:
+        driver.quit()
+        server.close()
 
 
 def test_events_resume_after_the_server_restarts(server: UiServer, browser: WebDriver) -> None:

@@ -12,6 +12,16 @@ function targetsLabel(job) {
   return (job.targets || []).map((t) => t.name || t.host || "?").join(", ");
 }
 
+/** A host's result: "deployed 1.2.0 (was 1.1.0)", "failed: …, rolled back to 1.1.0". */
+function describeOutcome(outcome) {
+  let text = outcome.status;
+  if (outcome.version) text += ` ${outcome.version}`;
+  if (outcome.previous_version) text += ` (was ${outcome.previous_version})`;
+  if (outcome.message) text += `: ${outcome.message}`;
+  if (outcome.rolled_back_to) text += `, rolled back to ${outcome.rolled_back_to}`;
+  return text;
+}
+
 export class DeploysView {
   constructor(element, app) {
     this.element = element;
@@ -75,7 +85,10 @@ export class DeploysView {
     if (!(await confirmAction(`Deploy ${params.package} to ${params.node}?`, "Deploy"))) return;
     try {
       const job = await this.app.request("deploy_package", params);
-      this.showJob(job, []); // the server sends this connection the job's progress from now on
+      this.showJob(job, []);
+      // Progress can be published before the server starts forwarding it to us: watch_job answers
+      // with everything so far, and every later frame comes after that answer.
+      await this.watch(job.job);
       this.reload();
     } catch (error) {
       this.app.notify(`deploy_package failed: ${error.message}`, { error: true });
@@ -84,6 +97,7 @@ export class DeploysView {
 
   async watch(jobId) {
     try {
+      this.watched = { job: jobId, status: "…" }; // frames for it that arrive meanwhile are in the answer
       const job = await this.app.request("watch_job", { job: jobId });
       this.showJob(job, job.events || []);
     } catch (error) {
@@ -125,9 +139,12 @@ export class DeploysView {
       if (!byHost.has(host)) byHost.set(host, []);
       byHost.get(host).push(event);
     }
+    const outcomes = (job.result && job.result.hosts) || {};
+    for (const host of Object.keys(outcomes)) if (!byHost.has(host)) byHost.set(host, []);
     const hosts = [...byHost.entries()].map(([host, events]) =>
       el("div", { className: "host-progress", dataset: { host } },
-        el("h4", {}, host),
+        el("h4", {}, host, outcomes[host] ? el("span", { className: `status status-${outcomes[host].ok ? "successful" : "failed"}` },
+          ` ${describeOutcome(outcomes[host])}`) : null),
         el("ol", { className: "progress" }, events.map((event) =>
           el("li", { className: `progress-${event.kind || "info"}` },
             el("span", { className: "muted" }, clockTime(event.timestamp)), " ",
@@ -135,7 +152,7 @@ export class DeploysView {
     this.detail.replaceChildren(
       el("h3", {}, `Job ${job.job} `, el("span", { className: `status status-${job.status}` }, job.status)),
       el("p", { className: "muted" }, `${packageLabel(job)} → ${targetsLabel(job)}`),
-      hosts.length ? hosts : el("p", { className: "muted" }, "No progress yet."),
+      ...(hosts.length ? hosts : [el("p", { className: "muted" }, "No progress yet.")]),
     );
     this.detail.hidden = false;
   }
