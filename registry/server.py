@@ -3,8 +3,8 @@
 Built on ``websockets.asyncio.server``. TLS is not optional: the only constructor takes
 a :class:`TlsServerConfig`. Every connection authenticates (a bearer token at the
 handshake, an ``authenticate`` request as the first message, or a client certificate
-signed by the configured client CA). ``GET /healthz`` and ``GET /metrics`` are served
-on the same port.
+signed by the configured client CA). ``GET /healthz``, ``GET /metrics`` and the web UI
+(``/ui/``, see :mod:`registry.webui`) are served on the same port.
 
 Writes go to the registry through ``asyncio.to_thread`` (they wait for an fsync);
 reads run inline. Each connection has a bounded send queue: a client that does not

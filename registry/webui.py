@@ -7,7 +7,7 @@ elsewhere.
 
 Only files that exist in the package's ``ui`` folder (and its ``views`` folder) when the
 server first serves one are reachable, looked up by exact name in a table built from the
-folder listing, so no request path can reach anything else (``..``, encodings, symlinks).
+folder listing, so no request path can reach anything else (``..``, percent-encodings, ``//``).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def normalize_origins(origins: Iterable[str]) -> frozenset[str]:
     allowed = set()
     for index, origin in enumerate(origins):
         value = origin.strip().lower() if isinstance(origin, str) else origin
-        if not isinstance(value, str) or not _ORIGIN.fullmatch(value):
+        if not isinstance(value, str) or not _ORIGIN.fullmatch(value) or not _valid_port(value):
             raise ValidationError(
                 f"allowed origin {origin!r} must look like https://host[:port] (no path)",
                 field=f"allowed_origins[{index}]",
@@ -88,10 +88,21 @@ def normalize_origins(origins: Iterable[str]) -> frozenset[str]:
     return frozenset(allowed)
 
 
+def _valid_port(origin: str) -> bool:
+    try:
+        return urlsplit(origin).port != 0
+    except ValueError:
+        return False
+
+
 def _strip_default_port(origin: str) -> str:
     parts = urlsplit(origin)
     default = {"https": 443, "http": 80}.get(parts.scheme)
-    if parts.port is not None and parts.port == default:
+    try:
+        port = parts.port
+    except ValueError:  # out of range: no browser sends it, and it equals nothing we allow
+        return origin
+    if port is not None and port == default:
         return f"{parts.scheme}://{parts.netloc.rpartition(':')[0]}"
     return origin
 

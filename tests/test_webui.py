@@ -339,9 +339,14 @@ def test_configured_origins_are_allowed() -> None:
     assert not webui.origin_allowed("https://dash.example", "registry:9443", allowed)
     assert webui.origin_allowed("https://registry:9443", "registry:9443", frozenset())
     assert not webui.origin_allowed("null", "registry:9443", allowed)
+    assert not webui.origin_allowed("https://ops.example:99999", "registry:9443", allowed)
+    assert not webui.origin_allowed("https://registry:9443/", "registry:9443", allowed)
     with pytest.raises(ValidationError, match="no path") as refused:
         webui.normalize_origins(["https://ops.example/path"])
     assert refused.value.field == "allowed_origins[0]"
+    with pytest.raises(ValidationError, match="no path") as refused:
+        webui.normalize_origins(["https://ops.example", "https://ops.example:70000"])
+    assert refused.value.field == "allowed_origins[1]"
 
 
 # --- the page -------------------------------------------------------------------------------------
