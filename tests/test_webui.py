@@ -288,7 +288,7 @@ def test_ui_files_have_types_cache_and_security_headers(server: UiServer) -> Non
         policy = response.getheader("Content-Security-Policy")
         assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
         assert f"wss://127.0.0.1:{server.port}" in policy
-        assert "unsafe-inline" not in policy
+        assert "unsafe-inline" not in policy and "require-trusted-types-for 'script'" in policy
         assert response.getheader("X-Content-Type-Options") == "nosniff"
         assert response.getheader("Referrer-Policy") == "no-referrer"
         etag = response.getheader("ETag")
