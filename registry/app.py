@@ -140,6 +140,7 @@ class RegistryApp:
                 limits=config.limits,
                 topology_interval=self.topology_interval,
                 deploys=self.deploys,
+                allowed_origins=config.allowed_origins,
             )
         except BaseException:
             await self.stop()

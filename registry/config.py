@@ -36,7 +36,7 @@ import msgspec
 import yaml
 
 from .auth import TokenEntry, TokenRegistry
-from .exceptions import ConfigError
+from .exceptions import ConfigError, ValidationError
 from .schema import FieldError, convert
 
 __all__ = [
@@ -205,6 +205,20 @@ class DeployConfig(_DeploySettings, frozen=True, kw_only=True):
         }
 
 
+class _UiFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``ui:`` section: browser origins, besides the server's own, that may open the WebSocket."""
+
+    allowed_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        from .webui import normalize_origins  # the Origin rules live with the Origin check
+
+        try:
+            normalize_origins(self.allowed_origins)
+        except ValidationError as exc:
+            raise FieldError(exc.field, exc.message) from None
+
+
 class _Settings(msgspec.Struct, frozen=True, kw_only=True):
     """The top-level settings that are neither paths nor sections: the same in the file and in :class:`ServerConfig`."""
 
@@ -227,6 +241,7 @@ class _ConfigFile(_Settings, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     tokens: tuple[_TokenFile, ...] | None = None
     limits: Limits | None = None
     deploy: _DeployFile | None = None
+    ui: _UiFile | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -261,6 +276,7 @@ class _ConfigFile(_Settings, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             event_retention=self.event_retention,
             synchronous=self.synchronous.upper(),
             deploy=(self.deploy or _DeployFile()).resolve(base_dir),
+            allowed_origins=self.ui.allowed_origins if self.ui is not None else (),
         )
 
 
@@ -276,6 +292,7 @@ class ServerConfig(_Settings, frozen=True, kw_only=True):
     token_entries: tuple[TokenEntry, ...] = ()
     limits: Limits = msgspec.field(default_factory=Limits)
     deploy: DeployConfig | None = None  # None: DeployConfig.default(the database's folder)
+    allowed_origins: tuple[str, ...] = ()  # ui.allowed_origins
 
     @property
     def tokens(self) -> TokenRegistry:
@@ -322,6 +339,8 @@ class ServerConfig(_Settings, frozen=True, kw_only=True):
         data["synchronous"] = self.synchronous
         if self.deploy is not None:
             data["deploy"] = self.deploy.to_dict()
+        if self.allowed_origins:
+            data["ui"] = {"allowed_origins": list(self.allowed_origins)}
         return data
 
 

@@ -3,8 +3,8 @@
 Built on ``websockets.asyncio.server``. TLS is not optional: the only constructor takes
 a :class:`TlsServerConfig`. Every connection authenticates (a bearer token at the
 handshake, an ``authenticate`` request as the first message, or a client certificate
-signed by the configured client CA). ``GET /healthz`` and ``GET /metrics`` are served
-on the same port.
+signed by the configured client CA). ``GET /healthz``, ``GET /metrics`` and the web UI
+(``/ui/``, see :mod:`registry.webui`) are served on the same port.
 
 This module is the transport: handshake, sessions, send queues, authorization and
 dispatch. The actions themselves are in :mod:`registry.handlers`, the metrics in
@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response as HttpResponse
 
+from . import webui
 from .access import Visibility, visibility_for
 from .auth import Role, TokenRegistry
 from .config import Limits
@@ -68,6 +69,8 @@ class WsServer:
             ``registry.update_topology`` (one ``NetworkTopologyChanged`` event). None: never.
         deploys: deploy jobs (``deploy_package``, ``watch_job``, ...); None: deployment is off
             and ``deploy_package`` answers ``bad_request``.
+        allowed_origins: browser origins, besides the server's own, that may open the
+            WebSocket (``https://ops.example``); the web UI is served at ``/ui/``.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class WsServer:
         registry_host: str | None = None,
         topology_interval: float | None = None,
         deploys: DeployJobs | None = None,
+        allowed_origins: Iterable[str] = (),
     ) -> None:
         if topology_interval is not None and not topology_interval > 0:
             raise ValidationError(
@@ -95,6 +99,7 @@ class WsServer:
         self.registry_host = registry_host or socket.gethostname()
         self.topology_interval = topology_interval
         self.deploys = deploys
+        self.allowed_origins = webui.normalize_origins(allowed_origins)
         self._topology_task: asyncio.Task[None] | None = None
         self._topology_failure: str | None = None  # the last detection failure, until one succeeds
         self.metrics = ServerMetrics(registry)
@@ -237,6 +242,9 @@ class WsServer:
             return connection.respond(200 if healthy else 503, "ok\n" if healthy else "not ok\n")
         if path == "/metrics":
             return self._http(connection, 200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+        ui_response = webui.process_request(request, allowed_origins=self.allowed_origins)
+        if ui_response is not None:
+            return ui_response
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return connection.respond(404, "not found: the API is a WebSocket at /; see /healthz and /metrics\n")
         if len(self._sessions) >= self.limits.max_connections:

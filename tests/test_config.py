@@ -65,6 +65,10 @@ def test_valid_file_round_trip(tmp_path: Path) -> None:
     assert config.tokens.authenticate("svcreg_ci").role is Role.WRITE
     again = ServerConfig.from_dict(config.to_dict(), base_dir="/somewhere/else")
     assert again == config
+    assert config.allowed_origins == ()
+    with_ui = ServerConfig.from_dict(valid(ui={"allowed_origins": ["https://ops.example:8443"]}), base_dir=tmp_path)
+    assert with_ui.allowed_origins == ("https://ops.example:8443",)
+    assert ServerConfig.from_dict(with_ui.to_dict(), base_dir=tmp_path) == with_ui
     assert yaml.safe_load(yaml.safe_dump(config.to_dict())) == config.to_dict()
 
 
@@ -161,6 +165,13 @@ def without(key: str) -> dict[str, Any]:
             "token name 'admin' is used twice",
         ),
         (["listen"], None, "input: must be an object, got ['listen']"),
+        (valid(ui={"allowed_origin": []}), "ui.allowed_origin", "ui.allowed_origin: unknown field"),
+        (valid(ui={"allowed_origins": "https://a"}), "ui.allowed_origins", "must be an array, got 'https://a'"),
+        (
+            valid(ui={"allowed_origins": ["https://ops.example", "https://ops.example/ui"]}),
+            "ui.allowed_origins[1]",
+            "allowed origin 'https://ops.example/ui' must look like https://host[:port] (no path)",
+        ),
     ],
 )
 def test_validation_errors_name_the_field(data: Any, field: str | None, message: str, tmp_path: Path) -> None:
