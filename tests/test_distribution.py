@@ -1,4 +1,5 @@
-"""The distribution ships the Ansible collection: a wheel installed outside the checkout can deploy."""
+"""The distribution ships the Ansible collection and the web UI: a wheel installed outside the checkout can deploy
+and serve /ui/."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from registry.webui import _files
+
 REPO = Path(__file__).resolve().parent.parent
 
 CHECK = textwrap.dedent(
@@ -21,6 +24,7 @@ CHECK = textwrap.dedent(
     import registry.network.config, registry.network.ipam, registry.network.topology
     from ansible_collections.svcreg.registry.plugins.module_utils import package_archive, package_format
     from registry.deploy import collection_root
+    from registry.webui import _files
     root = collection_root()
     print(json.dumps({
         "registry": registry.__file__,
@@ -29,6 +33,7 @@ CHECK = textwrap.dedent(
         "playbook": (root / "ansible_collections/svcreg/registry/playbooks/deploy_package.yml").is_file(),
         "runtime": (root / "ansible_collections/svcreg/registry/meta/runtime.yml").is_file(),
         "tests": (root / "ansible_collections/svcreg/registry/tests").exists(),
+        "ui": sorted(_files()),
     }))
     """
 )
@@ -67,3 +72,6 @@ def test_installed_wheel_ships_the_collection(tmp_path: Path) -> None:
     assert found["root"] == str(site)
     assert found["playbook"] and found["runtime"]
     assert not found["tests"]
+    # the web UI's static files are package data: every file the checkout serves, the wheel serves
+    assert found["ui"] == sorted(_files())
+    assert {"index.html", "app.js", "style.css", "views/services.js"} <= set(found["ui"])

@@ -7,6 +7,7 @@ way to install them without the internet. So the nodes get the controller's copy
 
 OUTDIR/svcreg-client.tar.gz, the same for every node:
     /opt/svcreg/lib/                  `registry` and the libraries it imports, from this Python's environment
+                                      (and the collection's module_utils, which registry.package imports)
     /opt/svcreg/bin/svcreg_heartbeat.py   molecule/shared/files/svcreg_heartbeat.py
     /usr/local/bin/svcreg             the svcreg CLI
     /usr/local/bin/svcreg-heartbeat   heartbeats for one instance until stopped
@@ -45,6 +46,8 @@ MODULES = (
     "cffi",
     "_cffi_backend",
     "rich",
+    # registry.package shares the package format's rules with the collection (its stdlib-only module_utils)
+    "ansible_collections.svcreg.registry.plugins.module_utils",
 )
 
 AGENT = Path(__file__).resolve().parent.parent / "files" / "svcreg_heartbeat.py"
@@ -70,11 +73,15 @@ COMMANDS = {
 
 
 def _module_path(name: str) -> Path:
+    """Where the module or package ``name`` is (a namespace package: its first directory that exists)."""
     spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        raise SystemExit(f"client_bundle: cannot find module {name!r} in {sys.executable}'s environment")
-    origin = Path(spec.origin)
-    return origin.parent if spec.submodule_search_locations else origin
+    if spec is not None and spec.submodule_search_locations is not None:
+        for location in spec.submodule_search_locations:
+            if Path(location).is_dir():
+                return Path(location)
+    elif spec is not None and spec.origin is not None:
+        return Path(spec.origin)
+    raise SystemExit(f"client_bundle: cannot find module {name!r} in {sys.executable}'s environment")
 
 
 def _owned_by_root(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
@@ -118,8 +125,11 @@ def main() -> int:
         for directory in ("opt/svcreg", "opt/svcreg/lib", "opt/svcreg/bin"):
             _add_directory(archive, directory)
         for name in MODULES:
+            *parents, _ = name.split(".")
+            for depth in range(1, len(parents) + 1):
+                _add_directory(archive, "/".join(["opt/svcreg/lib", *parents[:depth]]))
             path = _module_path(name)
-            archive.add(path, arcname=f"opt/svcreg/lib/{path.name}", filter=_owned_by_root)
+            archive.add(path, arcname="/".join(["opt/svcreg/lib", *parents, path.name]), filter=_owned_by_root)
         _add_file(archive, "opt/svcreg/bin/svcreg_heartbeat.py", AGENT.read_bytes(), 0o644)
         for command, (what, run) in COMMANDS.items():
             _add_file(archive, f"usr/local/bin/{command}", _WRAPPER.format(what=what, run=run).encode(), 0o755)
