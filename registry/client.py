@@ -133,6 +133,9 @@ class _Actions:
     def list_jobs(self) -> Any:
         return self._call("list_jobs")
 
+    def unsubscribe(self, subscription: str) -> Any:
+        return self._call("unsubscribe", {"subscription": subscription})
+
     def _subscribe_params(
         self,
         events: Iterable[EventType | str] | None,
@@ -271,9 +274,6 @@ class WsClient(_Actions):
         result = await self._call("subscribe", self._subscribe_params(events, since_revision, filter))
         return str(result["subscription"])
 
-    async def unsubscribe(self, subscription: str) -> None:
-        await self._call("unsubscribe", {"subscription": subscription})
-
     async def next_event(self, timeout: float | None = None) -> Event:
         """The next event of any subscription on this connection.
 
@@ -391,9 +391,6 @@ class BlockingClient(_Actions):
         filter: Mapping[str, Any] | None = None,
     ) -> str:
         return str(self._call("subscribe", self._subscribe_params(events, since_revision, filter))["subscription"])
-
-    def unsubscribe(self, subscription: str) -> None:
-        self._call("unsubscribe", {"subscription": subscription})
 
     def _keep(self, delivery: Delivery | None) -> None:
         """Keep what arrived while waiting for something else."""
@@ -528,9 +525,6 @@ class TrioClient(_Actions):
     ) -> str:
         result = await self._call("subscribe", self._subscribe_params(events, since_revision, filter))
         return str(result["subscription"])
-
-    async def unsubscribe(self, subscription: str) -> None:
-        await self._call("unsubscribe", {"subscription": subscription})
 
     async def next_event(self) -> Event:
         import trio

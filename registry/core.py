@@ -78,6 +78,16 @@ def _instance_order(entry: ServiceEntry) -> tuple[bool, int, str]:
     return (entry.state is not ServiceState.RUNNING, entry.location.distance, entry.host_id)
 
 
+def _on_host(name: str, instances: Mapping[str, ServiceEntry], host_id: str) -> ServiceEntry:
+    entry = instances.get(host_id)
+    if entry is None:
+        raise ServiceNotFound(
+            f"service {name!r} is not registered on host {host_id!r}",
+            details={"service_name": name, "host_id": host_id},
+        )
+    return entry
+
+
 class Registry:
     """Service instances with revisions and events.
 
@@ -192,18 +202,10 @@ class Registry:
         """
         validate_service_name(name)
         with self._lock:
-            instances = self._by_name.get(name)
-            if not instances:
-                raise ServiceNotFound(f"service {name!r} is not registered", details={"service_name": name})
+            instances = self._instances_of(name)
             if host_id is None:
                 return min(instances.values(), key=_instance_order)
-            entry = instances.get(host_id)
-        if entry is None:
-            raise ServiceNotFound(
-                f"service {name!r} is not registered on host {host_id!r}",
-                details={"service_name": name, "host_id": host_id},
-            )
-        return entry
+            return _on_host(name, instances, host_id)
 
     def list_services(
         self, query: ServiceQuery | Mapping[str, Any] | None = None, **filters: Any
@@ -463,9 +465,7 @@ class Registry:
 
     def _resolve(self, name: str, host_id: str | None) -> ServiceEntry:
         validate_service_name(name)
-        instances = self._by_name.get(name)
-        if not instances:
-            raise ServiceNotFound(f"service {name!r} is not registered", details={"service_name": name})
+        instances = self._instances_of(name)
         if host_id is None:
             if len(instances) > 1:
                 hosts = ", ".join(sorted(instances))
@@ -474,13 +474,13 @@ class Registry:
                 )
             return next(iter(instances.values()))
         validate_host_id(host_id)
-        entry = instances.get(host_id)
-        if entry is None:
-            raise ServiceNotFound(
-                f"service {name!r} is not registered on host {host_id!r}",
-                details={"service_name": name, "host_id": host_id},
-            )
-        return entry
+        return _on_host(name, instances, host_id)
+
+    def _instances_of(self, name: str) -> dict[str, ServiceEntry]:
+        instances = self._by_name.get(name)
+        if not instances:
+            raise ServiceNotFound(f"service {name!r} is not registered", details={"service_name": name})
+        return instances
 
     def _place(self, item: ServiceEntry | Mapping[str, Any]) -> ServiceEntry:
         """The entry, its address checked against the configured networks and its network filled in."""
