@@ -87,7 +87,7 @@ class RegistryApp:
     """
 
     def __init__(
-        self, config: ServerConfig, *, topology_interval: float | None = 30.0, shutdown_timeout: float = 10.0
+        self, config: ServerConfig, *, topology_interval: float | None = 30.0, shutdown_timeout: float = 3.0
     ) -> None:
         self.config = config
         self.topology_interval = topology_interval
@@ -141,6 +141,7 @@ class RegistryApp:
                 topology_interval=self.topology_interval,
                 deploys=self.deploys,
                 allowed_origins=config.allowed_origins,
+                client_default_role=config.client_default_role,
             )
         except BaseException:
             await self.stop()

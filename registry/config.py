@@ -9,6 +9,7 @@
       cert: "tls/server.crt"
       key: "tls/server.key"
       client_ca: "tls/ca.crt"          # optional: enables client certificates (mTLS)
+      client_default_role: read        # optional: the role of a certificate whose CN names no token
     tokens:
       - {name: admin, role: admin, hash: "sha256:..."}
     limits: {max_message_size: 1048576, max_connections: 1000, ...}
@@ -30,12 +31,12 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 import yaml
 
-from .auth import TokenEntry, TokenRegistry
+from .auth import Role, TokenEntry, TokenRegistry
 from .exceptions import ConfigError, ValidationError
 from .schema import FieldError, convert
 
@@ -104,8 +105,11 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     max_message_size: _Count = 1_048_576
     max_connections: _Count = 1000
+    max_pending: _Count = 100
+    max_pending_per_address: _Count = 20
     max_subscriptions_per_connection: _Count = 16
     send_queue: _Count = 1000
+    send_buffer_bytes: _Count = 4_194_304
     handshake_timeout: _Seconds = 10.0
     ping_interval: _Seconds = 20.0
     ping_timeout: _Seconds = 20.0
@@ -124,6 +128,8 @@ class _TlsFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cert: _Text
     key: _Text
     client_ca: _Text | None = None
+    # The role of a client certificate whose CN names no token entry; unset: such a certificate signs in nobody.
+    client_default_role: Literal["read", "write", "admin"] | None = None
 
 
 class TlsFiles(msgspec.Struct, frozen=True, kw_only=True):
@@ -277,6 +283,7 @@ class _ConfigFile(_Settings, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             synchronous=self.synchronous.upper(),
             deploy=(self.deploy or _DeployFile()).resolve(base_dir),
             allowed_origins=self.ui.allowed_origins if self.ui is not None else (),
+            client_default_role=Role.parse(role) if (role := self.tls.client_default_role) is not None else None,
         )
 
 
@@ -293,6 +300,7 @@ class ServerConfig(_Settings, frozen=True, kw_only=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     deploy: DeployConfig | None = None  # None: DeployConfig.default(the database's folder)
     allowed_origins: tuple[str, ...] = ()  # ui.allowed_origins
+    client_default_role: Role | None = None  # tls.client_default_role
 
     @property
     def tokens(self) -> TokenRegistry:
@@ -333,6 +341,8 @@ class ServerConfig(_Settings, frozen=True, kw_only=True):
         if self.networks is not None:
             data["networks"] = str(self.networks)
         data["tls"] = self.tls.to_dict()
+        if self.client_default_role is not None:
+            data["tls"]["client_default_role"] = self.client_default_role.label
         data["tokens"] = [entry.to_dict() for entry in self.token_entries]
         data["limits"] = self.limits.to_dict()
         data["event_retention"] = self.event_retention

@@ -250,6 +250,19 @@ class Subscription:
                 with self._cond:
                     self._wakers.discard(waker)
 
+    async def changed(self) -> None:
+        """Await the next offer or the close (at once when closed); reads nothing."""
+        with self._cond:
+            if self._closed_reason is not None:
+                return
+            wait, waker = _async_waiter()
+            self._wakers.add(waker)
+        try:
+            await wait()
+        finally:
+            with self._cond:
+                self._wakers.discard(waker)
+
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._aiter()
 

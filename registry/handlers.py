@@ -29,6 +29,7 @@ from .exceptions import (
     SubscriptionLagged,
     ValidationError,
 )
+from .flow import Outbox
 from .metrics import ServerMetrics
 from .model import ServiceEntry, ServiceState
 from .protocol import (
@@ -76,10 +77,12 @@ class Session:
     connection: ServerConnection
     principal: Principal | None
     visibility: Visibility
-    outbox: asyncio.Queue[str]
+    outbox: Outbox
     subscriptions: dict[str, tuple[Subscription, asyncio.Task[None]]] = field(default_factory=dict)
     watched_jobs: dict[str, Callable[..., None]] = field(default_factory=dict)
     closing: bool = False
+    # One large answer (a list) built or waiting to be sent at a time (docs/protocol.md#limits).
+    bulk: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +140,9 @@ class RegisterBatcher:
 
 
 class Handlers:
-    """The actions of one server. ``send`` queues a frame on a session; ``spawn`` runs a
-    background task; ``visibility`` says what a principal on a connection may see."""
+    """The actions of one server. ``send`` queues a frame on a session; ``drop`` closes a
+    session's connection as a slow reader (with the reason); ``spawn`` runs a background
+    task; ``visibility`` says what a principal on a connection may see."""
 
     def __init__(
         self,
@@ -150,6 +154,7 @@ class Handlers:
         limits: Limits,
         metrics: ServerMetrics,
         send: Callable[[Session, str], None],
+        drop: Callable[[Session, str], None],
         spawn: Callable[[Coroutine[Any, Any, Any]], None],
         visibility: Callable[[ServerConnection, Principal | None], Visibility],
     ) -> None:
@@ -160,6 +165,7 @@ class Handlers:
         self.limits = limits
         self.metrics = metrics
         self._send = send
+        self._drop = drop
         self._visibility = visibility
         self._registrations = RegisterBatcher(registry, spawn)
         self._table: dict[str, Callable[[Session, Any], Awaitable[Any]]] = {
@@ -268,6 +274,12 @@ class Handlers:
         visibility = session.visibility
         try:
             while not session.closing:
+                # Flow control: while the client has not read what it was sent, events wait in the
+                # subscription's queue (bounded: a subscriber that falls limits.send_queue behind lags).
+                if not await self._room_for_events(session, subscription):
+                    # It lagged because it does not read: the same as any slow reader.
+                    self._drop(session, f"slow reader: {self.limits.send_queue} events unread")
+                    return
                 event = await subscription.next_event()
                 service = event.service
                 if service is not None and not visibility.allows(service):
@@ -282,6 +294,21 @@ class Handlers:
         finally:
             if session.subscriptions.pop(subscription.id, None) is not None:
                 self.metrics.subscribers.dec()
+
+    @staticmethod
+    async def _room_for_events(session: Session, subscription: Subscription) -> bool:
+        """Wait until the session's outbox has room; False if the subscription lags before it does."""
+        outbox = session.outbox
+        while not outbox.has_room:
+            if subscription.lagged:
+                return False
+            waits = {asyncio.ensure_future(outbox.room()), asyncio.ensure_future(subscription.changed())}
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+        return True
 
     async def unsubscribe(self, session: Session, params: UnsubscribeParams) -> Any:
         subscription_id = params.subscription

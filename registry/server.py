@@ -9,8 +9,15 @@ signed by the configured client CA). ``GET /healthz``, ``GET /metrics`` and the 
 This module is the transport: handshake, sessions, send queues, authorization and
 dispatch. The actions themselves are in :mod:`registry.handlers`, the metrics in
 :mod:`registry.metrics`. Writes go to the registry through ``asyncio.to_thread`` (they
-wait for an fsync); reads run inline. Each connection has a bounded send queue: a client
-that does not read is dropped with a reason, and never slows the others.
+wait for an fsync); reads run inline, and large answers are encoded off the event loop.
+
+No client can exhaust or lock out the server (docs/protocol.md#limits): a connection's
+unsent output is bounded in bytes by backpressure (:mod:`registry.flow`: above
+``limits.send_buffer_bytes`` the server stops reading its requests and holds its events,
+and it has one large answer in the making at a time); a subscriber that does not read is
+dropped with a reason and never slows the others; connections that have not authenticated
+have their own small budget (``limits.max_pending``, per address
+``limits.max_pending_per_address``), so they never keep an authenticated client out.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ import asyncio
 import contextlib
 import logging
 import socket
+import weakref
 from collections.abc import Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -34,6 +43,7 @@ from .auth import Role, TokenRegistry
 from .config import Limits
 from .core import Registry
 from .exceptions import Forbidden, InternalError, RegistryError, Unauthorized, UnknownAction, ValidationError
+from .flow import Outbox
 from .handlers import Handlers, Principal, Session, Then
 from .metrics import ServerMetrics
 from .protocol import ACTIONS, Request, RequestError, decode_request, encode_error, encode_response
@@ -51,6 +61,15 @@ _CLOSE_POLICY = 1008
 _CLOSE_TRY_AGAIN = 1013
 # Requests one connection may have in flight at once (pipelining); more wait for a slot.
 _MAX_INFLIGHT = 64
+# Frames the WebSocket library buffers for one connection before it stops reading the socket.
+_MAX_QUEUED_FRAMES = 8
+# How long a closing connection may take to say goodbye before its socket is cut.
+_CLOSE_TIMEOUT = 2.0
+# The actions whose answer can be large (a whole list): built one at a time per connection,
+# encoded off the event loop.
+_BULK_ACTIONS = frozenset(
+    {"list_services", "list_endpoints", "list_allocations", "list_networks", "list_jobs", "get_topology"}
+)
 
 
 class WsServer:
@@ -71,6 +90,9 @@ class WsServer:
             and ``deploy_package`` answers ``bad_request``.
         allowed_origins: browser origins, besides the server's own, that may open the
             WebSocket (``https://ops.example``); the web UI is served at ``/ui/``.
+        client_default_role: the role of a client certificate whose common name names no
+            token entry (``tls.client_default_role``); None: such a certificate signs in
+            nobody, and the connection must authenticate like one without a certificate.
     """
 
     def __init__(
@@ -85,6 +107,7 @@ class WsServer:
         topology_interval: float | None = None,
         deploys: DeployJobs | None = None,
         allowed_origins: Iterable[str] = (),
+        client_default_role: Role | None = None,
     ) -> None:
         if topology_interval is not None and not topology_interval > 0:
             raise ValidationError(
@@ -100,12 +123,16 @@ class WsServer:
         self.topology_interval = topology_interval
         self.deploys = deploys
         self.allowed_origins = webui.normalize_origins(allowed_origins)
+        self.client_default_role = client_default_role
         self._topology_task: asyncio.Task[None] | None = None
         self._topology_failure: str | None = None  # the last detection failure, until one succeeds
         self.metrics = ServerMetrics(registry)
         self._server: Server | None = None
         self._sessions: set[Session] = set()
-        self._principals: dict[ServerConnection, Principal] = {}
+        # Handshakes accepted by _process_request and not yet served by _handle, with who they are
+        # (None: not authenticated yet). Weak: a handshake that fails after the check leaves nothing.
+        self._handshakes: weakref.WeakKeyDictionary[ServerConnection, Principal | None] = weakref.WeakKeyDictionary()
+        self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="svcreg-encode")
         self._background: set[asyncio.Future[Any]] = set()
         self._handlers = Handlers(
             registry,
@@ -115,6 +142,7 @@ class WsServer:
             limits=self.limits,
             metrics=self.metrics,
             send=self._send,
+            drop=self._drop,
             spawn=self._spawn,
             visibility=self._visibility,
         )
@@ -148,6 +176,8 @@ class WsServer:
             open_timeout=limits.handshake_timeout,
             ping_interval=limits.ping_interval,
             ping_timeout=limits.ping_timeout,
+            close_timeout=_CLOSE_TIMEOUT,
+            max_queue=_MAX_QUEUED_FRAMES,
             server_header="svcreg",
             # No permessage-deflate: registry frames are small JSON, and a deflate context
             # per connection costs ~200 KiB of memory and a compression pass per subscriber
@@ -174,7 +204,10 @@ class WsServer:
         await self._server.serve_forever()
 
     async def close(self, *, timeout: float = 10.0) -> None:
-        """Stop accepting, close connections with 1001, wait for handlers (bounded)."""
+        """Stop accepting, close connections with 1001, wait for handlers (bounded by ``timeout``).
+
+        A connection still open after ``timeout`` (a peer that does not read its close frame) is cut.
+        """
         if self._topology_task is not None:
             self._topology_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -184,11 +217,16 @@ class WsServer:
             return
         self._server.close(close_connections=True)
         try:
-            await asyncio.wait_for(self._server.wait_closed(), timeout)
+            await asyncio.wait_for(asyncio.shield(self._server.wait_closed()), timeout)
         except TimeoutError:
-            log.warning("connections did not close within %.0f s; closing anyway", timeout)
+            log.warning("connections did not close within %.0f s; cutting them", timeout)
+            for session in list(self._sessions):
+                session.connection.transport.abort()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
         for session in list(self._sessions):
             self._handlers.close_session(session)
+        self._encoder.shutdown(wait=False, cancel_futures=True)
 
     async def refresh_topology(self) -> bool:
         """Detect the host's topology now and record it; True if it changed.
@@ -242,14 +280,17 @@ class WsServer:
             return connection.respond(200 if healthy else 503, "ok\n" if healthy else "not ok\n")
         if path == "/metrics":
             return self._http(connection, 200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
-        ui_response = webui.process_request(request, allowed_origins=self.allowed_origins)
-        if ui_response is not None:
-            return ui_response
-        if request.headers.get("Upgrade", "").lower() != "websocket":
+        try:
+            ui_response = webui.process_request(request, allowed_origins=self.allowed_origins)
+            if ui_response is not None:
+                return ui_response
+            upgrade = _single_header(request.headers, "Upgrade")
+            authorization = _single_header(request.headers, "Authorization")
+        except _DuplicateHeader as exc:
+            return connection.respond(400, f"bad request: {exc.name} is sent more than once\n")
+        if (upgrade or "").lower() != "websocket":
             return connection.respond(404, "not found: the API is a WebSocket at /; see /healthz and /metrics\n")
-        if len(self._sessions) >= self.limits.max_connections:
-            return connection.respond(503, "too many connections\n")
-        authorization = request.headers.get("Authorization")
+        principal: Principal | None = None
         if authorization is not None:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
@@ -258,18 +299,55 @@ class WsServer:
                 entry = self.tokens.authenticate(token.strip())
             except Unauthorized:
                 return connection.respond(401, "unauthorized: invalid token\n")
-            self._principals[connection] = Principal(entry.name, entry.role, "token")
-            return None
+            principal = Principal(entry.name, entry.role, "token")
+        else:
+            principal = self._certificate_principal(connection)
+        refusal = self._admission(connection, principal)
+        if refusal is not None:
+            return connection.respond(503, refusal)
+        self._handshakes[connection] = principal
+        return None
+
+    def _certificate_principal(self, connection: ServerConnection) -> Principal | None:
         name = client_identity(connection.transport.get_extra_info("peercert"))
-        if name is not None:
-            role = next((entry.role for entry in self.tokens.entries if entry.name == name), Role.READ)
-            self._principals[connection] = Principal(name, role, "certificate")
+        if name is None:
+            return None
+        role = next((entry.role for entry in self.tokens.entries if entry.name == name), self.client_default_role)
+        if role is None:
+            log.info("client certificate %r of %s names no token entry: not signed in", name, _peer(connection))
+            return None
+        return Principal(name, role, "certificate")
+
+    def _admission(self, connection: ServerConnection, principal: Principal | None) -> str | None:
+        """Why a new connection is refused (HTTP 503), or None to let it in.
+
+        Authenticated connections count against ``max_connections``; the ones that have not
+        authenticated yet (they must within ``handshake_timeout``) against their own budget,
+        ``max_pending`` in all and ``max_pending_per_address`` from one address, so they
+        never keep an authenticated client out.
+        """
+        who = [session.principal for session in self._sessions] + list(self._handshakes.values())
+        authenticated = sum(1 for item in who if item is not None)
+        if authenticated >= self.limits.max_connections:
+            return "too many connections\n"
+        if principal is not None:
+            return None
+        address = _host(connection)
+        pending = [session.connection for session in self._sessions if session.principal is None]
+        pending += [other for other, item in self._handshakes.items() if item is None]
+        if len(pending) >= self.limits.max_pending:
+            return "too many unauthenticated connections: authenticate at the handshake (Authorization: Bearer)\n"
+        if sum(1 for other in pending if _host(other) == address) >= self.limits.max_pending_per_address:
+            return "too many unauthenticated connections from this address\n"
         return None
 
     @staticmethod
     def _http(connection: ServerConnection, status: int, body: bytes, content_type: str) -> HttpResponse:
         response = connection.respond(status, "")
         headers = Headers(response.headers)
+        # respond() made a text/plain, empty-body response: replace its headers, do not add to them.
+        del headers["Content-Type"]
+        del headers["Content-Length"]
         headers["Content-Type"] = content_type
         headers["Content-Length"] = str(len(body))
         return HttpResponse(response.status_code, response.reason_phrase, headers, body)
@@ -277,12 +355,12 @@ class WsServer:
     # --- a connection -------------------------------------------------------------------------
 
     async def _handle(self, connection: ServerConnection) -> None:
-        principal = self._principals.pop(connection, None)
+        principal = self._handshakes.pop(connection, None)
         session = Session(
             connection,
             principal,
             self._visibility(connection, principal),
-            asyncio.Queue(maxsize=self.limits.send_queue),
+            Outbox(self.limits.send_buffer_bytes),
         )
         self._sessions.add(session)
         self.metrics.connections.inc()
@@ -298,6 +376,9 @@ class WsServer:
         )
         try:
             async for frame in connection:
+                # Backpressure: while the client has not read what it was sent, its next requests
+                # wait in the socket (the library stops reading after a few frames).
+                await session.outbox.room()
                 await inflight.acquire()
                 task = asyncio.create_task(self._serve_frame(session, frame))
                 tasks.add(task)
@@ -341,25 +422,36 @@ class WsServer:
         )
 
     async def _write(self, session: Session) -> None:
+        outbox = session.outbox
         try:
             while True:
-                frame = await session.outbox.get()
-                await session.connection.send(frame)
+                frame = await outbox.get()
+                try:
+                    await session.connection.send(frame)
+                finally:
+                    outbox.sent(frame)
         except ConnectionClosed:
             pass
 
     def _send(self, session: Session, frame: str) -> None:
-        """Queue a frame; a full queue means the client does not read: drop it."""
+        """Queue a pushed frame (an event, a job message); past 4 times the send buffer, drop the client.
+
+        Event streams wait for room before they push, so only job messages and errors can get there.
+        """
         if session.closing:
             return
-        try:
-            session.outbox.put_nowait(frame)
-        except asyncio.QueueFull:
-            session.closing = True
-            log.warning("dropping a slow client %s: its send queue is full", _peer(session.connection))
-            self._spawn(
-                session.connection.close(_CLOSE_TRY_AGAIN, f"slow reader: {self.limits.send_queue} frames unsent")
-            )
+        if session.outbox.unsent > 4 * self.limits.send_buffer_bytes:
+            self._drop(session, f"slow reader: over {4 * self.limits.send_buffer_bytes} bytes unsent")
+            return
+        session.outbox.put(frame)
+
+    def _drop(self, session: Session, reason: str) -> None:
+        """Close a connection that does not read (1013, with ``reason``); the others are not slowed."""
+        if session.closing:
+            return
+        session.closing = True
+        log.warning("dropping a slow client %s: %s", _peer(session.connection), reason)
+        self._spawn(session.connection.close(_CLOSE_TRY_AGAIN, reason))
 
     async def _serve_frame(self, session: Session, frame: str | bytes) -> None:
         request_id: str | None = None
@@ -368,12 +460,15 @@ class WsServer:
             request = decode_request(frame)
             request_id, action = request.id, request.action
             self._authorize(session, request)
-            result = await self._handlers.handle(session, request)
-            if isinstance(result, Then):
-                self._send(session, encode_response(request.id, result.result))
-                result.after()
+            if request.action in _BULK_ACTIONS:
+                await self._serve_bulk(session, request)
             else:
-                self._send(session, encode_response(request.id, result))
+                result = await self._handlers.handle(session, request)
+                if isinstance(result, Then):
+                    self._respond(session, encode_response(request.id, result.result))
+                    result.after()
+                else:
+                    self._respond(session, encode_response(request.id, result))
             self.metrics.requests.labels(action, "ok").inc()
         except RequestError as exc:
             self._reply_error(session, exc.request_id, exc, action)
@@ -387,8 +482,22 @@ class WsServer:
             log.exception("internal error serving %s for %s", action, _peer(session.connection))
             self._reply_error(session, request_id, InternalError("internal error; see the server log"), action)
 
+    async def _serve_bulk(self, session: Session, request: Request) -> None:
+        """A list answer: one at a time per connection, once the last one has mostly been read, encoded off the loop."""
+        async with session.bulk:
+            await session.outbox.room()
+            result = await self._handlers.handle(session, request)
+            loop = asyncio.get_running_loop()
+            frame = await loop.run_in_executor(self._encoder, encode_response, request.id, result)
+            self._respond(session, frame)
+
+    def _respond(self, session: Session, frame: str) -> None:
+        """Queue an answer: never dropped (the connection's reading waits for room instead)."""
+        if not session.closing:
+            session.outbox.put(frame)
+
     def _reply_error(self, session: Session, request_id: str | None, error: RegistryError, action: str) -> None:
-        self._send(session, encode_error(request_id, error))
+        self._respond(session, encode_error(request_id, error))
         self.metrics.requests.labels(action if action in ACTIONS else "invalid", error.code).inc()
 
     def _authorize(self, session: Session, request: Request) -> None:
@@ -425,3 +534,22 @@ def _format_sockname(sockname: tuple[Any, ...]) -> str:
 def _peer(connection: ServerConnection) -> str:
     remote = connection.remote_address
     return _format_sockname(remote) if remote else "unknown peer"
+
+
+def _host(connection: ServerConnection) -> str | None:
+    remote = connection.remote_address
+    return str(remote[0]) if remote else None
+
+
+class _DuplicateHeader(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _single_header(headers: Headers, name: str) -> str | None:
+    """The one value of header ``name`` (None when absent); a header sent twice is a bad request."""
+    values = headers.get_all(name)
+    if len(values) > 1:
+        raise _DuplicateHeader(name)
+    return values[0] if values else None

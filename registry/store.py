@@ -258,6 +258,7 @@ class SqliteStore(Store):
         if level not in _SYNCHRONOUS_MODES:
             raise StoreError(f"synchronous {synchronous!r} is not one of {', '.join(_SYNCHRONOUS_MODES)}")
         _preflight(self._path, create=create, integrity_check=integrity_check)
+        _owner_only(self._path)
 
         self._cond = threading.Condition()
         self._written = 0  # writes accepted so far
@@ -483,6 +484,21 @@ def _preflight(path: Path, *, create: bool, integrity_check: bool) -> None:
         raise StoreError(f"store {path} is damaged or not a svcreg store: {exc}") from None
     finally:
         connection.close()
+
+
+def _owner_only(path: Path) -> None:
+    """Make the store's files readable by their owner only (0600), like the keys next to them.
+
+    The database is created 0600 (SQLite gives its ``-wal`` and ``-shm`` files the database's
+    mode); a store from an earlier version, made 0644, is tightened on open.
+    """
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if name.exists() and name.stat().st_mode & 0o077:
+                name.chmod(0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot open store {path}: {exc.strerror}") from None
 
 
 def _decode_marker(raw: object) -> dict[str, Any]:

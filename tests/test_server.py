@@ -578,8 +578,13 @@ async def test_an_unreadable_frame_fails_the_calls_at_once(pki: Pki) -> None:
             await client.close()
 
 
-async def test_client_certificates_authenticate_with_the_role_of_their_name(tmp_path: Path, tokens) -> None:
-    """mTLS: a certificate from the client CA is a login; its CN picks the role (a token entry's name)."""
+@pytest.mark.parametrize("default_role", [None, Role.READ])
+async def test_client_certificates_authenticate_with_the_role_of_their_name(
+    tmp_path: Path, tokens, default_role: Role | None
+) -> None:
+    """mTLS: a certificate from the client CA is a login; its CN picks the role (a token entry's name).
+
+    A CN that names no token entry signs in nobody, unless tls.client_default_role gives it a role."""
     server_ca, client_ca = trustme.CA(), trustme.CA()
     pki = write_pki(tmp_path, server_ca)
     client_ca_file = tmp_path / "client-ca.crt"
@@ -587,7 +592,7 @@ async def test_client_certificates_authenticate_with_the_role_of_their_name(tmp_
     server_tls = TlsServerConfig.from_files(pki.server.cert, pki.server.key, client_ca=client_ca_file)
     token_registry, _ = tokens
     token_registry.add("deploy-bot", Role.WRITE)
-    running = await start(tmp_path, Pki(server_ca, pki.ca_file, server_tls), tokens)
+    running = await start(tmp_path, Pki(server_ca, pki.ca_file, server_tls), tokens, client_default_role=default_role)
 
     def certificate_client(name: str, ca: trustme.CA) -> ConnectionSettings:
         leaf = ca.issue_cert(f"{name}.example", common_name=name)
@@ -602,9 +607,14 @@ async def test_client_certificates_authenticate_with_the_role_of_their_name(tmp_
             registered = await bot.register_service(make_entry("api", "h1").to_dict())
             assert registered.service_name == "api"
         async with await WsClient.connect(certificate_client("stranger", client_ca)) as stranger:
-            assert [entry.service_name for entry in await stranger.list_services()] == ["api"]  # read role
-            with pytest.raises(Forbidden, match="write"):
-                await stranger.remove_service("api", "h1")
+            if default_role is None:
+                with pytest.raises(Unauthorized, match="needs authentication"):
+                    await stranger.list_services()
+                assert (await stranger.ping())["pong"] is True
+            else:
+                assert [entry.service_name for entry in await stranger.list_services()] == ["api"]  # read role
+                with pytest.raises(Forbidden, match="write"):
+                    await stranger.remove_service("api", "h1")
         # a certificate from another CA does not get through the handshake
         with pytest.raises(ConnectionFailed):
             await WsClient.connect(certificate_client("deploy-bot", trustme.CA()))
