@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response as HttpResponse
@@ -284,10 +284,11 @@ class WsServer:
             ui_response = webui.process_request(request, allowed_origins=self.allowed_origins)
             if ui_response is not None:
                 return ui_response
-            upgrade = _single_header(request.headers, "Upgrade")
-            authorization = _single_header(request.headers, "Authorization")
-        except _DuplicateHeader as exc:
-            return connection.respond(400, f"bad request: {exc.name} is sent more than once\n")
+            # Headers.get raises MultipleValuesError for a header sent twice (which of them would count?).
+            upgrade = request.headers.get("Upgrade")
+            authorization = request.headers.get("Authorization")
+        except MultipleValuesError as exc:
+            return connection.respond(400, f"bad request: {exc.args[0]} is sent more than once\n")
         if (upgrade or "").lower() != "websocket":
             return connection.respond(404, "not found: the API is a WebSocket at /; see /healthz and /metrics\n")
         principal: Principal | None = None
@@ -539,17 +540,3 @@ def _peer(connection: ServerConnection) -> str:
 def _host(connection: ServerConnection) -> str | None:
     remote = connection.remote_address
     return str(remote[0]) if remote else None
-
-
-class _DuplicateHeader(Exception):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
-def _single_header(headers: Headers, name: str) -> str | None:
-    """The one value of header ``name`` (None when absent); a header sent twice is a bad request."""
-    values = headers.get_all(name)
-    if len(values) > 1:
-        raise _DuplicateHeader(name)
-    return values[0] if values else None

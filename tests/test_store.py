@@ -106,6 +106,27 @@ def test_data_survives_reopen(tmp_path: Path) -> None:
         reopened.close()
 
 
+def test_store_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    """registry.db and its -wal and -shm files hold every service's metadata: 0600, like the keys."""
+    path = tmp_path / "registry.db"
+    old_umask = os.umask(0o022)
+    try:
+        store = SqliteStore(path)
+        store.put("services", "a", {"n": 1})
+        store.commit()
+        files = [path, tmp_path / "registry.db-wal", tmp_path / "registry.db-shm"]
+        assert {name.name: oct(name.stat().st_mode & 0o777) for name in files} == {name.name: "0o600" for name in files}
+        store.close()
+        # a store from an earlier version (0644) is tightened when it is opened
+        for name in files:
+            if name.exists():
+                name.chmod(0o644)
+        SqliteStore(path).close()
+        assert {oct(name.stat().st_mode & 0o777) for name in files if name.exists()} == {"0o600"}
+    finally:
+        os.umask(old_umask)
+
+
 def test_group_commit_from_many_threads(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s.db")
     errors: list[BaseException] = []
