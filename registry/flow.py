@@ -37,6 +37,8 @@ class Outbox:
         self._readable = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        self._empty = asyncio.Event()
+        self._empty.set()
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -50,6 +52,7 @@ class Outbox:
         self._frames.append(frame)
         self.unsent += len(frame)
         self._readable.set()
+        self._empty.clear()
         if self.unsent > self.high_water:
             self._room.clear()
 
@@ -64,7 +67,13 @@ class Outbox:
         self.unsent -= len(frame)
         if self.unsent <= self.low_water:
             self._room.set()
+        if self.unsent == 0:
+            self._empty.set()
 
     async def room(self) -> None:
         """Until the unsent output is below the high-water mark (at once when it is)."""
         await self._room.wait()
+
+    async def drained(self) -> None:
+        """Until everything queued has been taken by the socket."""
+        await self._empty.wait()

@@ -33,7 +33,7 @@ from .exceptions import NotFound, RateLimited, ValidationError
 from .network import NetworkConfig
 from .package import Package
 from .protocol import DeployParams, DeployTarget, decode_params
-from .schema import convert
+from .schema import convert, shown
 
 __all__ = ["DeployJobs", "Job"]
 
@@ -118,11 +118,11 @@ class DeployJobs:
         path = (candidate if candidate.is_absolute() else root / candidate).resolve()
         if not path.is_relative_to(root):
             raise ValidationError(
-                f"package {name!r} is outside the registry's packages folder {root}; put it there first",
+                f"package {shown(name)} is outside the registry's packages folder {root}; put it there first",
                 field="params.package",
             )
         if not path.is_file():
-            raise NotFound(f"no package {name!r} in {root}", details={"package": name})
+            raise NotFound(f"no package {shown(name)} in {root}", details={"package": name[:255]})
         return path
 
     def target(self, item: str | DeployTarget | Mapping[str, Any], *, path: str = "params.target") -> RemoteTarget:
@@ -136,7 +136,9 @@ class DeployJobs:
         if isinstance(item, str):
             found = self.networks.find_node(item) if self.networks is not None else None
             if found is None:
-                raise NotFound(f"no node named {item!r} in the networks file", details={"node": item, "field": path})
+                raise NotFound(
+                    f"no node named {shown(item)} in the networks file", details={"node": item[:255], "field": path}
+                )
             _network, node = found
             variables = node.vars
             return _remote_target(

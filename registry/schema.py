@@ -173,9 +173,13 @@ def _describe(detail: str, leaf: Any) -> tuple[str, str | None]:
         kind = " or ".join(kinds + (["null"] if "null" in names else []))
         bound = expected.group(2).strip()
         if bound.startswith("matching regex"):
-            bound = "in the allowed format"
+            bound = _PATTERNS.get(bound.removeprefix("matching regex").strip(), "in the allowed format")
         return f"must be {kind}{' ' + bound if bound else ''}", None
     return detail[:1].lower() + detail[1:], None
+
+
+# How the patterns of the schemas read in an error message (keys as msgspec quotes them).
+_PATTERNS: Final = {"'^[^\\x00]+$'": "without NUL characters"}
 
 
 def _walk(data: object, type_: Any, location: str) -> tuple[list[str], object, Any]:

@@ -42,7 +42,15 @@ from .access import Visibility, visibility_for
 from .auth import Role, TokenRegistry
 from .config import Limits
 from .core import Registry
-from .exceptions import Forbidden, InternalError, RegistryError, Unauthorized, UnknownAction, ValidationError
+from .exceptions import (
+    Forbidden,
+    InternalError,
+    RegistryError,
+    TooLarge,
+    Unauthorized,
+    UnknownAction,
+    ValidationError,
+)
 from .flow import Outbox
 from .handlers import Handlers, Principal, Session, Then
 from .metrics import ServerMetrics
@@ -59,6 +67,7 @@ log = logging.getLogger(__name__)
 
 _CLOSE_POLICY = 1008
 _CLOSE_TRY_AGAIN = 1013
+_CLOSE_TOO_LARGE = 1009
 # Requests one connection may have in flight at once (pipelining); more wait for a slot.
 _MAX_INFLIGHT = 64
 # Frames the WebSocket library buffers for one connection before it stops reading the socket.
@@ -172,7 +181,7 @@ class WsServer:
             port,
             ssl=self.tls_config.ssl_context(),
             process_request=self._process_request,
-            max_size=limits.max_message_size,
+            max_size=2 * limits.max_message_size,  # up to here a frame gets a too_large answer before 1009
             open_timeout=limits.handshake_timeout,
             ping_interval=limits.ping_interval,
             ping_timeout=limits.ping_timeout,
@@ -377,6 +386,9 @@ class WsServer:
         )
         try:
             async for frame in connection:
+                if (size := _size(frame, self.limits.max_message_size)) > self.limits.max_message_size:
+                    await self._refuse_too_large(session, size)
+                    break
                 # Backpressure: while the client has not read what it was sent, its next requests
                 # wait in the socket (the library stops reading after a few frames).
                 await session.outbox.room()
@@ -399,6 +411,20 @@ class WsServer:
                 await writer
             self._sessions.discard(session)
             self.metrics.connections.dec()
+
+    async def _refuse_too_large(self, session: Session, size: int) -> None:
+        """Say ``too_large``, then close with 1009. (The library closes at once, without a word, only
+        past twice the limit: it reads frames up to that size so that the client can be told.)"""
+        limit = self.limits.max_message_size
+        error = TooLarge(
+            f"a message may have at most {limit} bytes (limits.max_message_size); this one has {size}",
+            details={"limit": limit, "size": size},
+        )
+        self._reply_error(session, None, error, "invalid")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(session.outbox.drained(), _CLOSE_TIMEOUT)
+        session.closing = True
+        await session.connection.close(_CLOSE_TOO_LARGE, f"message too large: over {limit} bytes")
 
     def _expire_unauthenticated(self, session: Session) -> None:
         if session.principal is None and not session.closing:
@@ -472,7 +498,7 @@ class WsServer:
                     self._respond(session, encode_response(request.id, result))
             self.metrics.requests.labels(action, "ok").inc()
         except RequestError as exc:
-            self._reply_error(session, exc.request_id, exc, action)
+            self._reply_error(session, exc.request_id, exc, exc.action or action)
         except UnknownAction as exc:
             self._reply_error(session, exc.details.pop("id", request_id), exc, action)
         except RegistryError as exc:
@@ -540,3 +566,10 @@ def _peer(connection: ServerConnection) -> str:
 def _host(connection: ServerConnection) -> str | None:
     remote = connection.remote_address
     return str(remote[0]) if remote else None
+
+
+def _size(frame: str | bytes, limit: int) -> int:
+    """The frame's size in bytes (a text frame is only encoded when it may be over ``limit``)."""
+    if isinstance(frame, bytes) or len(frame) * 4 <= limit:
+        return len(frame)
+    return len(frame.encode("utf-8", "surrogatepass"))
