@@ -36,6 +36,9 @@ __all__ = ["BlockingClient", "ConnectionSettings", "TrioClient", "WsClient", "re
 log = logging.getLogger(__name__)
 
 _EVENT_QUEUE = 10_000
+# Items per request when a client lists everything: answers of a few MB for entries of a few KB, well
+# under the client's message size limit (ConnectionSettings.max_message_size, 16 MiB).
+PAGE_SIZE = 500
 
 
 def _filters(**filters: Any) -> dict[str, Any]:
@@ -55,14 +58,17 @@ class _Actions:
     def authenticate(self, token: str) -> Any:
         return self._call("authenticate", {"token": token})
 
-    def list_services(self, **filters: Any) -> Any:
-        return self._call("list_services", _filters(**filters))
+    def list_services(self, *, limit: int | None = None, cursor: str | None = None, **filters: Any) -> Any:
+        """Every matching entry, fetched PAGE_SIZE at a time; with ``limit`` or ``cursor``, one
+        :class:`~registry.paging.Page` (``items``, ``next_cursor``)."""
+        return self._list("list_services", _filters(**filters), limit, cursor)
 
     def get_service(self, service_name: str, host_id: str | None = None) -> Any:
         return self._call("get_service", {"service_name": service_name, "host_id": host_id})
 
-    def list_endpoints(self, **filters: Any) -> Any:
-        return self._call("list_endpoints", _filters(**filters))
+    def list_endpoints(self, *, limit: int | None = None, cursor: str | None = None, **filters: Any) -> Any:
+        """Like :meth:`list_services`, for endpoint records."""
+        return self._list("list_endpoints", _filters(**filters), limit, cursor)
 
     def register_service(self, entry: ServiceEntry | Mapping[str, Any]) -> Any:
         service = entry.to_dict() if isinstance(entry, ServiceEntry) else dict(entry)
@@ -93,8 +99,20 @@ class _Actions:
     def release_ip(self, owner: str, network: str | None = None) -> Any:
         return self._call("release_ip", {"owner": owner, "network": network})
 
-    def list_allocations(self, network: str | None = None) -> Any:
-        return self._call("list_allocations", {"network": network})
+    def list_allocations(
+        self, network: str | None = None, *, limit: int | None = None, cursor: str | None = None
+    ) -> Any:
+        """Like :meth:`list_services`, for IP allocations."""
+        return self._list("list_allocations", {"network": network}, limit, cursor)
+
+    def _list(self, action: str, params: dict[str, Any], limit: int | None, cursor: str | None) -> Any:
+        if limit is not None or cursor is not None:
+            return self._call(action, {**params, "limit": limit, "cursor": cursor})
+        return self._all_pages(action, params)
+
+    def _all_pages(self, action: str, params: dict[str, Any]) -> Any:
+        """Every item of a list action, page by page (answers stay small however large the registry)."""
+        raise NotImplementedError
 
     def deploy_package(
         self,
@@ -156,7 +174,19 @@ def _raised(item: Any) -> Any:
     return item
 
 
-class WsClient(_Actions):
+class _AsyncPages(_Actions):
+    async def _all_pages(self, action: str, params: dict[str, Any]) -> list[Any]:
+        items: list[Any] = []
+        cursor: str | None = None
+        while True:
+            page = await self._call(action, {**params, "limit": PAGE_SIZE, "cursor": cursor})
+            items.extend(page.items)
+            if page.next_cursor is None:
+                return items
+            cursor = page.next_cursor
+
+
+class WsClient(_AsyncPages):
     """The asyncio client. ``await WsClient.connect_tls("localhost:9443", tls, token=...)``."""
 
     def __init__(self, connection: ClientConnection, settings: ConnectionSettings) -> None:
@@ -365,6 +395,16 @@ class BlockingClient(_Actions):
             raise closed_error(self._settings.url, exc) from None
         return self._codec.route(frame)
 
+    def _all_pages(self, action: str, params: dict[str, Any]) -> list[Any]:
+        items: list[Any] = []
+        cursor: str | None = None
+        while True:
+            page = self._call(action, {**params, "limit": PAGE_SIZE, "cursor": cursor})
+            items.extend(page.items)
+            if page.next_cursor is None:
+                return items
+            cursor = page.next_cursor
+
     def _call(self, action: str, params: Mapping[str, Any] | None = None) -> Any:
         request_id, frame = self._codec.encode_request(action, params)
         with self._lock:
@@ -421,7 +461,7 @@ class BlockingClient(_Actions):
         return event
 
 
-class TrioClient(_Actions):
+class TrioClient(_AsyncPages):
     """The trio client, on ``websockets.trio``. ``async with TrioClient.connect_tls(...) as c:``."""
 
     def __init__(self, settings: ConnectionSettings) -> None:

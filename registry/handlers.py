@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -32,6 +33,7 @@ from .exceptions import (
 from .flow import Outbox
 from .metrics import ServerMetrics
 from .model import ServiceEntry, ServiceState
+from .paging import page
 from .protocol import (
     ACTIONS,
     AllocateParams,
@@ -39,7 +41,8 @@ from .protocol import (
     DeployParams,
     InstanceParams,
     JobParams,
-    NetworkParams,
+    PagedNetworkParams,
+    PagedServiceQuery,
     RegisterParams,
     ReleaseParams,
     Request,
@@ -215,8 +218,15 @@ class Handlers:
     def _matching(self, session: Session, query: ServiceQuery) -> list[ServiceEntry]:
         return session.visibility.filter(self.registry.list_services(query))
 
-    async def list_services(self, session: Session, params: ServiceQuery) -> Any:
-        return self._matching(session, params)
+    async def list_services(self, session: Session, params: PagedServiceQuery) -> Any:
+        return page(
+            "list_services",
+            self._matching(session, params.query),
+            limit=params.limit,
+            cursor=params.cursor,
+            key=lambda entry: entry.key,
+            kinds=(str, str),
+        )
 
     async def get_service(self, session: Session, params: InstanceParams) -> Any:
         name, host_id = params.service_name, params.host_id
@@ -229,13 +239,21 @@ class Handlers:
             return candidates[0]
         return min(candidates, key=lambda entry: (entry.state is not ServiceState.RUNNING, entry.location.distance))
 
-    async def list_endpoints(self, session: Session, params: ServiceQuery) -> Any:
-        visible = {entry.key for entry in self._matching(session, params)}
-        return [
-            record
-            for record in self.registry.list_endpoints(params)
-            if (record.service_name, record.host_id) in visible
-        ]
+    async def list_endpoints(self, session: Session, params: PagedServiceQuery) -> Any:
+        query = params.query
+        visible = {entry.key for entry in self._matching(session, query)}
+        return page(
+            "list_endpoints",
+            (
+                record
+                for record in self.registry.list_endpoints(query)
+                if (record.service_name, record.host_id) in visible
+            ),
+            limit=params.limit,
+            cursor=params.cursor,
+            key=lambda record: (record.service_name, record.host_id, record.endpoint),
+            kinds=(str, str, str),
+        )
 
     async def list_networks(self, session: Session, params: Any) -> Any:
         if self.networks is None:
@@ -245,8 +263,15 @@ class Handlers:
     async def get_topology(self, session: Session, params: Any) -> Any:
         return {"revision": self.registry.revision, "topology": self.registry.topology()}
 
-    async def list_allocations(self, session: Session, params: NetworkParams) -> Any:
-        return self._require_networks().allocations(params.network)
+    async def list_allocations(self, session: Session, params: PagedNetworkParams) -> Any:
+        return page(
+            "list_allocations",
+            self._require_networks().allocations(params.network),
+            limit=params.limit,
+            cursor=params.cursor,
+            key=lambda allocation: (allocation.network, int(ipaddress.ip_address(allocation.ip))),
+            kinds=(str, int),
+        )
 
     # --- subscriptions ----------------------------------------------------------------------
 

@@ -42,7 +42,8 @@ from .exceptions import (
     error_from_wire,
 )
 from .model import EndpointRecord, Location, ServiceEntry, ServiceState
-from .query import ServiceQuery
+from .paging import MAX_PAGE, Page
+from .query import QUERY_FIELDS, ServiceQuery
 from .schema import convert, shown
 
 __all__ = [
@@ -129,6 +130,28 @@ class NetworkParams(_Params, frozen=True):
     network: _Name | None = None
 
 
+# Paging (registry.paging, docs/protocol.md#paging): optional on the three list actions.
+_Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)]
+_Cursor = Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+
+
+class PagedServiceQuery(ServiceQuery, frozen=True, forbid_unknown_fields=True):
+    """``list_services`` / ``list_endpoints``: a query, and optionally one page of the answer."""
+
+    limit: _Limit | None = None
+    cursor: _Cursor | None = None
+
+    @property
+    def query(self) -> ServiceQuery:
+        """The filter alone."""
+        return ServiceQuery(**{name: getattr(self, name) for name in QUERY_FIELDS})
+
+
+class PagedNetworkParams(NetworkParams, frozen=True):
+    limit: _Limit | None = None
+    cursor: _Cursor | None = None
+
+
 class RegisterParams(_Params, frozen=True):
     # The entry is checked by the model (ServiceEntry.from_dict), which names the field.
     service: dict[str, Any]
@@ -179,14 +202,14 @@ class ActionSpec:
 ACTIONS: Final[Mapping[str, ActionSpec]] = {
     "ping": ActionSpec(None),
     "authenticate": ActionSpec(None, AuthenticateParams),
-    "list_services": ActionSpec(Role.READ, ServiceQuery),
+    "list_services": ActionSpec(Role.READ, PagedServiceQuery),
     "get_service": ActionSpec(Role.READ, InstanceParams),
-    "list_endpoints": ActionSpec(Role.READ, ServiceQuery),
+    "list_endpoints": ActionSpec(Role.READ, PagedServiceQuery),
     "subscribe": ActionSpec(Role.READ, SubscribeParams),
     "unsubscribe": ActionSpec(Role.READ, UnsubscribeParams),
     "list_networks": ActionSpec(Role.READ),
     "get_topology": ActionSpec(Role.READ),
-    "list_allocations": ActionSpec(Role.READ, NetworkParams),
+    "list_allocations": ActionSpec(Role.READ, PagedNetworkParams),
     "register_service": ActionSpec(Role.WRITE, RegisterParams),
     "remove_service": ActionSpec(Role.WRITE, InstanceParams),
     "set_state": ActionSpec(Role.WRITE, SetStateParams),
@@ -233,6 +256,7 @@ class Request:
 class Response:
     id: str
     result: Any
+    next_cursor: str | None = None  # beside the result of a paged list action, when more remain
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,7 +432,13 @@ def _default(value: object) -> Any:
 
 
 def encode_response(request_id: str, result: Any) -> str:
-    """A response frame; objects with ``to_dict()`` are serialised through it."""
+    """A response frame; objects with ``to_dict()`` are serialised through it. A :class:`Page`
+    is its items as the result, with ``next_cursor`` beside it when more remain."""
+    if isinstance(result, Page):
+        message = {"id": request_id, "type": "response", "result": result.items}
+        if result.next_cursor is not None:
+            message["next_cursor"] = result.next_cursor
+        return _dumps(message)
     return _dumps({"id": request_id, "type": "response", "result": result})
 
 
@@ -527,6 +557,7 @@ class ClientCodec:
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._waiting: dict[str, str] = {}  # request id -> action
+        self._paged: set[str] = set()  # request ids that asked for one page (a limit or a cursor)
         self._revisions: dict[str, int] = {}
 
     def encode_request(self, action: str, params: Mapping[str, Any] | None = None) -> tuple[str, str]:
@@ -536,11 +567,14 @@ class ClientCodec:
         request_id = str(next(self._ids))
         clean = {key: value for key, value in (params or {}).items() if value is not None}
         self._waiting[request_id] = action
+        if "limit" in clean or "cursor" in clean:
+            self._paged.add(request_id)
         return request_id, _dumps({"id": request_id, "type": "request", "action": action, "params": clean})
 
     def forget(self, request_id: str) -> None:
         """Nobody waits for ``request_id`` any more (answered, timed out, cancelled)."""
         self._waiting.pop(request_id, None)
+        self._paged.discard(request_id)
 
     def last_revision(self, subscription: str) -> int | None:
         """The revision of the last event (or of the subscribe answer) of ``subscription``."""
@@ -562,11 +596,16 @@ class ClientCodec:
             subscription = message.error.details.get("subscription")
             return Delivery(Route.EVENTS, subscription if isinstance(subscription, str) else "", message.error)
         action = self._waiting.pop(message.id, None)
+        paged = message.id in self._paged
+        self._paged.discard(message.id)
         if action is None:
             return None
         if isinstance(message, ErrorMessage):
             return Delivery(Route.REPLY, message.id, message.error)
-        return Delivery(Route.REPLY, message.id, self._result(action, message.result))
+        result = self._result(action, message.result)
+        if paged and not isinstance(result, RegistryError):
+            result = Page(result, message.next_cursor)
+        return Delivery(Route.REPLY, message.id, result)
 
     def _result(self, action: str, result: Any) -> Any:
         try:
@@ -594,7 +633,8 @@ class ClientCodec:
         kind = message.get("type")
         try:
             if kind == "response":
-                return Response(str(message["id"]), message.get("result"))
+                cursor = message.get("next_cursor")
+                return Response(str(message["id"]), message.get("result"), cursor if isinstance(cursor, str) else None)
             if kind == "error":
                 error = message["error"]
                 if not isinstance(error, dict):

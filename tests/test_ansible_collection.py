@@ -8,6 +8,7 @@ regenerate it with SVCREG_UPDATE_EXPECTED=1 after an intended change and review 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from registry.client import BlockingClient, ConnectionSettings
+from registry.client import PAGE_SIZE, BlockingClient, ConnectionSettings, WsClient
 from registry.tls import TlsClientConfig
 
 from .helpers import SVCREG, ServeProcess, free_port
@@ -207,6 +208,25 @@ def test_inventory_groups_are_sanitised_and_filters_apply(seeded: Registry, tmp_
     assert "service_postgres" not in data  # stopped
     assert data["network_edge_eu"]["hosts"] == ["edge-1"]  # "edge.eu" -> a valid group name
     assert "network_local" not in data and "local" not in data
+
+
+def test_inventory_pages_through_a_registry_larger_than_a_page(tmp_path: Path) -> None:
+    """The plugin lists through the client, which fetches PAGE_SIZE entries per request: every host is there."""
+    count = 2 * PAGE_SIZE + 100
+    service = {"service_name": "bulk", "location": "lan", "network_info": {"ip": "192.168.1.100"}}
+
+    async def fill(settings: ConnectionSettings) -> None:
+        async with await WsClient.connect(settings) as client:
+            for start in range(0, count, 100):
+                batch = [dict(service, host_id=f"bulk-{number:04}") for number in range(start, start + 100)]
+                await asyncio.gather(*(client.register_service(entry) for entry in batch))
+
+    with running_registry(tmp_path / "svcreg") as big:
+        asyncio.run(fill(big.settings))
+        source = write(tmp_path / "big.svcreg.yml", "plugin: svcreg.registry.registry\n")
+        inventory = json.loads(ansible("ansible-inventory", "-i", str(source), "--list", env=big.env).stdout)
+    hosts = set(inventory["_meta"]["hostvars"])
+    assert {f"bulk-{number:04}" for number in range(count)} <= hosts
 
 
 def test_inventory_cache_serves_a_down_registry(seeded: Registry, tmp_path: Path) -> None:
