@@ -242,21 +242,24 @@ class Subscription:
                 event = self._take()
                 if event is not None:
                     return event
-                wait, waker = _async_waiter()
-                self._wakers.add(waker)
-            try:
-                await wait()
-            finally:
-                with self._cond:
-                    self._wakers.discard(waker)
+                waiter = self._waiter()
+            await self._wait(*waiter)
 
     async def changed(self) -> None:
         """Await the next offer or the close (at once when closed); reads nothing."""
         with self._cond:
             if self._closed_reason is not None:
                 return
-            wait, waker = _async_waiter()
-            self._wakers.add(waker)
+            waiter = self._waiter()
+        await self._wait(*waiter)
+
+    def _waiter(self) -> tuple[Callable[[], Any], Callable[[], None]]:
+        """A waiter woken by the next offer or close. Caller holds the lock."""
+        wait, waker = _async_waiter()
+        self._wakers.add(waker)
+        return wait, waker
+
+    async def _wait(self, wait: Callable[[], Any], waker: Callable[[], None]) -> None:
         try:
             await wait()
         finally:
