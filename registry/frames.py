@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from .exceptions import ProtocolError
-from .schema import shown
+from .schema import MAX_SHOWN, shown
 
 __all__ = ["RequestError", "read_frame", "readable_id"]
 
@@ -108,7 +108,8 @@ def _leaves(value: object, path: str) -> Iterator[tuple[str, object]]:
     """Every key and scalar of a parsed JSON value, with its path (``.params.service.ttl_seconds``)."""
     if isinstance(value, dict):
         for key, item in value.items():
-            step = f"{path}.{key}" if _is_text(key) else f"{path}.?"
+            name = key if len(key) <= MAX_SHOWN else key[: MAX_SHOWN - 3] + "..."  # keys may be 5,000 chars
+            step = f"{path}.{name}" if _is_text(key) else f"{path}.?"
             if not _is_text(key):
                 yield step, key
             yield from _leaves(item, step)

@@ -210,7 +210,8 @@ def _walk(data: object, type_: Any, location: str) -> tuple[list[str], object, A
 
 def _join(prefix: str, steps: Iterable[str]) -> str:
     text = ""
-    for step in steps:
+    for whole in steps:
+        step = whole if len(whole) <= MAX_SHOWN else whole[: MAX_SHOWN - 3] + "..."  # a key may be 5,000 chars
         text = f"{text}{step}" if step.startswith("[") or not text else f"{text}.{step}"
     if prefix and text:
         return f"{prefix}{text}" if text.startswith("[") else f"{prefix}.{text}"

@@ -82,6 +82,8 @@ CASES: dict[str, tuple[str | bytes, str, str, str | None, str | None]] = {
     "id_surrogate": ('{"id":"\\ud800","type":"request","action":"ping"}', "bad_request", "lone surrogate", "id", None),
     "invalid_utf8": (b'{"id":"r","type":"request","action":"ping","x":"\xff"}', "bad_request", "not valid JSON",
                      None, None),
+    "unknown_param_5000_chars": (_frame("list_services", {"k" * 5000: 1}), "bad_request", "unknown field",
+                                 "params." + "k" * 61 + "...", "r"),
     "unknown_action_long": (_frame("x" * 5000, {}), "unknown_action", "unknown action 'xxx", None, "r"),
 }  # fmt: skip
 
