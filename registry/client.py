@@ -230,7 +230,7 @@ class WsClient(_AsyncPages):
         request_id, frame = self._codec.encode_request(action, params)
         self._replies[request_id] = reply = asyncio.get_running_loop().create_future()
         try:
-            await self._connection.send(frame)
+            await self._connection.send(frame, text=True)
             return _raised(await asyncio.wait_for(reply, self._settings.timeout))
         except ConnectionClosed as exc:
             raise closed_error(self._settings.url, exc) from None
@@ -409,7 +409,7 @@ class BlockingClient(_Actions):
         request_id, frame = self._codec.encode_request(action, params)
         with self._lock:
             try:
-                self._connection.send(frame)
+                self._connection.send(frame, text=True)
                 while True:
                     try:
                         delivery = self._receive(self._settings.timeout)
@@ -542,7 +542,7 @@ class TrioClient(_AsyncPages):
         request_id, frame = self._codec.encode_request(action, params)
         self._replies[request_id] = answered = trio.Event()
         try:
-            await self._connection.send(frame)
+            await self._connection.send(frame, text=True)
             with trio.fail_after(self._settings.timeout):
                 await answered.wait()
         except ConnectionClosed as exc:

@@ -33,7 +33,7 @@ class Outbox:
         self.low_water = high_water // 2
         self.unsent = 0
         """Bytes queued and not yet taken by the socket (including the frame being sent)."""
-        self._frames: deque[str] = deque()
+        self._frames: deque[bytes] = deque()
         self._readable = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -47,7 +47,7 @@ class Outbox:
     def has_room(self) -> bool:
         return self._room.is_set()
 
-    def put(self, frame: str) -> None:
+    def put(self, frame: bytes) -> None:
         """Queue ``frame``; never blocks (callers wait for :meth:`room` first where they can)."""
         self._frames.append(frame)
         self.unsent += len(frame)
@@ -56,14 +56,14 @@ class Outbox:
         if self.unsent > self.high_water:
             self._room.clear()
 
-    async def get(self) -> str:
+    async def get(self) -> bytes:
         """The next frame to send; call :meth:`sent` with it once the socket has it."""
         while not self._frames:
             self._readable.clear()
             await self._readable.wait()
         return self._frames.popleft()
 
-    def sent(self, frame: str) -> None:
+    def sent(self, frame: bytes) -> None:
         self.unsent -= len(frame)
         if self.unsent <= self.low_water:
             self._room.set()

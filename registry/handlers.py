@@ -156,7 +156,7 @@ class Handlers:
         deploys: DeployJobs | None,
         limits: Limits,
         metrics: ServerMetrics,
-        send: Callable[[Session, str], None],
+        send: Callable[[Session, bytes], None],
         drop: Callable[[Session, str], None],
         spawn: Callable[[Coroutine[Any, Any, Any]], None],
         visibility: Callable[[ServerConnection, Principal | None], Visibility],

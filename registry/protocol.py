@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-import json
-import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
@@ -42,7 +40,7 @@ from .exceptions import (
     error_from_wire,
 )
 from .frames import RequestError, read_frame, readable_id
-from .model import EndpointRecord, Location, ServiceEntry, ServiceState
+from .model import Endpoint, EndpointRecord, Location, NetworkInfo, ServiceEntry, ServiceState
 from .paging import MAX_PAGE, Page
 from .query import QUERY_FIELDS, ServiceQuery
 from .schema import convert, shown
@@ -323,28 +321,62 @@ def decode_request(frame: str | bytes) -> Request:
         raise RequestError(exc.message, request_id=request_id, field=exc.field, action=action) from None
 
 
-def _dumps(message: Mapping[str, Any]) -> str:
-    return json.dumps(message, separators=(",", ":"), allow_nan=False, default=_default)
+# The model's structs go out as msgspec encodes them (their to_dict() has the same content:
+# tests/test_protocol.py checks it); every other object with to_dict() goes through it.
+_NATIVE: Final = (ServiceEntry, Endpoint, NetworkInfo)
 
 
 def _default(value: object) -> Any:
+    """What msgspec cannot encode itself: objects with ``to_dict()``, subclasses of the JSON types
+    (Ansible hands the client tagged strings and dicts)."""
     to_dict = getattr(value, "to_dict", None)
     if callable(to_dict):
         return to_dict()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, list | tuple):
+        return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def encode_response(request_id: str, result: Any) -> str:
+_ENCODER: Final = msgspec.json.Encoder(enc_hook=_default)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with ``to_dict()`` applied where msgspec would otherwise encode a dataclass or
+    struct field by field (a result, or the items of a list result)."""
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value] if any(map(_own_form, value)) else value
+    return value.to_dict() if _own_form(value) else value
+
+
+def _own_form(value: object) -> bool:
+    return hasattr(value, "to_dict") and not isinstance(value, _NATIVE)
+
+
+def _dumps(message: Mapping[str, Any]) -> bytes:
+    """One frame's UTF-8 JSON (sent as a text frame). NaN and infinities become null."""
+    try:
+        return _ENCODER.encode(message)
+    except OverflowError as exc:  # an integer beyond 64 bits
+        raise TypeError(f"not JSON serialisable: {exc}") from None
+
+
+def encode_response(request_id: str, result: Any) -> bytes:
     """A response frame; objects with ``to_dict()`` are serialised through it. A :class:`Page`
     is its items as the result, with ``next_cursor`` beside it when more remain."""
     if isinstance(result, Page):
-        message = {"id": request_id, "type": "response", "result": result.items}
+        message = {"id": request_id, "type": "response", "result": _plain(result.items)}
         if result.next_cursor is not None:
             message["next_cursor"] = result.next_cursor
         return _dumps(message)
-    return _dumps({"id": request_id, "type": "response", "result": result})
+    return _dumps({"id": request_id, "type": "response", "result": _plain(result)})
 
 
 # Classes that share their parent's wire code (ServiceNotFound is a not_found). An error frame names the
@@ -355,7 +387,7 @@ _SUBCLASSES: Final[Mapping[str, type[RegistryError]]] = {
 }
 
 
-def encode_error(request_id: str | None, error: RegistryError) -> str:
+def encode_error(request_id: str | None, error: RegistryError) -> bytes:
     wire = error.to_dict()
     name = next((cls.__name__ for cls in type(error).__mro__ if _SUBCLASSES.get(cls.__name__) is cls), None)
     if name is not None:
@@ -380,11 +412,11 @@ def _decode_error(error: Mapping[str, Any]) -> RegistryError:
     return specific
 
 
-def encode_job(job: str, event: str, data: Mapping[str, Any]) -> str:
+def encode_job(job: str, event: str, data: Mapping[str, Any]) -> bytes:
     return _dumps({"type": "job", "job": job, "event": event, "data": data})
 
 
-def encode_event(subscription: str, event: Event) -> str:
+def encode_event(subscription: str, event: Event) -> bytes:
     return _dumps(
         {
             "type": "event",
@@ -465,7 +497,7 @@ class ClientCodec:
         self._paged: set[str] = set()  # request ids that asked for one page (a limit or a cursor)
         self._revisions: dict[str, int] = {}
 
-    def encode_request(self, action: str, params: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    def encode_request(self, action: str, params: Mapping[str, Any] | None = None) -> tuple[str, bytes]:
         """``(request id, frame)`` for an action; unknown actions fail here, before sending."""
         if action not in ACTIONS:
             raise UnknownAction(f"unknown action {action!r}", details={"action": action})
@@ -530,8 +562,8 @@ class ClientCodec:
             ProtocolError: the server sent something that is not a valid frame.
         """
         try:
-            message = json.loads(frame)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            message = msgspec.json.decode(frame)
+        except msgspec.DecodeError as exc:
             raise ProtocolError(f"the server sent invalid JSON: {exc}") from None
         if not isinstance(message, dict):
             raise ProtocolError("the server sent a frame that is not an object")

@@ -454,13 +454,13 @@ class WsServer:
             while True:
                 frame = await outbox.get()
                 try:
-                    await session.connection.send(frame)
+                    await session.connection.send(frame, text=True)  # UTF-8 JSON, as a text frame
                 finally:
                     outbox.sent(frame)
         except ConnectionClosed:
             pass
 
-    def _send(self, session: Session, frame: str) -> None:
+    def _send(self, session: Session, frame: bytes) -> None:
         """Queue a pushed frame (an event, a job message); past 4 times the send buffer, drop the client.
 
         Event streams wait for room before they push, so only job messages and errors can get there.
@@ -518,7 +518,7 @@ class WsServer:
             frame = await loop.run_in_executor(self._encoder, encode_response, request.id, result)
             self._respond(session, frame)
 
-    def _respond(self, session: Session, frame: str) -> None:
+    def _respond(self, session: Session, frame: bytes) -> None:
         """Queue an answer: never dropped (the connection's reading waits for room instead)."""
         if not session.closing:
             session.outbox.put(frame)

@@ -20,7 +20,8 @@ from registry import (
 )
 from registry.events import Event
 from registry.exceptions import ERROR_CODES, error_from_wire
-from registry.model import Location, ServiceEntry
+from registry.model import Endpoint, Location, NetworkInfo, ServiceEntry
+from registry.paging import Page
 from registry.protocol import (
     ACTIONS,
     ClientCodec,
@@ -61,6 +62,46 @@ def test_round_trip_through_both_halves() -> None:
     message = codec.decode(encode_response(request.id, entry))
     assert isinstance(message, Response)
     assert message.result == entry.to_dict()
+
+
+def test_entries_go_out_with_exactly_their_to_dict_content() -> None:
+    """msgspec encodes the model's structs itself; what it writes must be what to_dict() says."""
+    full = ServiceEntry(
+        "db",
+        "db-1",
+        Location.LAN,
+        NetworkInfo("10.0.0.5", hostname="db.example.org", network="production"),
+        endpoints=(Endpoint("http", 8080), Endpoint("dns", 53, "udp")),
+        tags=("db", "primary"),
+        metadata={"team": "data", "tier": "1"},
+        ttl_seconds=30,
+        deregister_after_seconds=600,
+        version="1.4.2",
+    ).stamped(create_revision=3, mod_revision=9, updated_at=1700000000.25)
+    for entry in (make_entry(endpoints=()), full):
+        assert json.loads(encode_response("1", entry))["result"] == entry.to_dict()
+        assert json.loads(encode_response("1", [entry, entry]))["result"] == [entry.to_dict()] * 2
+
+
+def test_other_objects_go_out_through_their_to_dict() -> None:
+    """A dataclass with to_dict() is never encoded field by field (Event's type is "event" on the wire)."""
+    event = Event(EventType.SERVICE_REGISTERED, 4, {"service": {}}, 1.5)
+    assert json.loads(encode_response("1", event))["result"] == event.to_dict()
+    assert json.loads(encode_response("1", [event]))["result"] == [event.to_dict()]
+    assert json.loads(encode_response("1", Page([event], "next")))["result"] == [event.to_dict()]
+
+
+def test_requests_take_subclasses_of_the_json_types() -> None:
+    """Ansible passes tagged str/dict subclasses as module options; they go out as plain JSON."""
+
+    class Tagged(str):
+        pass
+
+    class TaggedDict(dict[str, str]):
+        pass
+
+    _, text = ClientCodec().encode_request("register_service", {"service": TaggedDict(name=Tagged("web"))})
+    assert json.loads(text)["params"] == {"service": {"name": "web"}}
 
 
 def test_request_ids_are_unique() -> None:

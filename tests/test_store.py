@@ -57,10 +57,15 @@ def test_tables_are_separate_and_unknown_tables_refused(store: Store) -> None:
 
 
 def test_values_must_be_json(store: Store) -> None:
-    with pytest.raises(StoreError, match="cannot be stored as JSON"):
-        store.put("services", "k", {1, 2})
-    with pytest.raises(StoreError, match="cannot be stored as JSON"):
-        store.put("services", "k", float("nan"))
+    with pytest.raises(StoreError, match=r"cannot be stored as JSON: .*object"):
+        store.put("services", "k", object())
+
+
+def test_values_are_stored_as_msgspec_encodes_them(store: Store) -> None:
+    """Tuples and sets become arrays, NaN and infinities null: what comes back is plain JSON."""
+    store.put("services", "k", {"tuple": (1, 2), "set": {3}, "nan": float("nan"), "inf": float("inf")})
+    store.commit()
+    assert store.get("services", "k") == {"tuple": [1, 2], "set": [3], "nan": None, "inf": None}
 
 
 def test_closed_store_refuses_calls(store: Store) -> None:
