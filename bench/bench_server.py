@@ -8,8 +8,9 @@ loopback, with the same ~300-byte entry:
   * svcreg: `svcreg serve` on the durable embedded store (synchronous=FULL);
   * etcd: Debian's `etcd-server`, one member, its default durable WAL (fsync per commit),
     driven through `aetcd` (asyncio gRPC; installed with `pip install -e '.[bench]'`);
-  * echo: a raw `websockets` TLS echo server with the same certificates (the ceiling of our stack),
-    which also broadcasts a frame to every connection for the fan-out ceiling.
+  * echo: a raw `websockets` TLS echo server with the same certificates and the same event loop as
+    svcreg serve (--loop: uvloop where installed): the ceiling of our stack; it also broadcasts a
+    frame to every connection for the fan-out ceiling.
 
 Measured for each: writes/s and p50/p99 latency with 1, 8 and 64 concurrent clients (register_service
 / put), reads/s (get_service / get), fan-out of one change to N subscribers on N connections (time
@@ -68,7 +69,15 @@ ECHO_SERVER = textwrap.dedent(
             print(server.sockets[0].getsockname()[1], flush=True)
             await asyncio.Future()
 
-    asyncio.run(main())
+    run = asyncio.run
+    if sys.argv[3] != "asyncio":  # the same loop as svcreg serve --loop
+        try:
+            import uvloop
+            run = uvloop.run
+        except ImportError:
+            if sys.argv[3] == "uvloop":
+                raise
+    run(main())
     """
 )
 
@@ -134,14 +143,14 @@ def record(results: dict[str, float], name: str, rate: float, latencies: list[fl
 
 
 @contextlib.contextmanager
-def svcreg_server(home: Path, subscribers: int) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+def svcreg_server(home: Path, subscribers: int, loop: str = "auto") -> Iterator[tuple[int, subprocess.Popen[str]]]:
     env = {**os.environ, "SVCREG_HOME": str(home)}
     subprocess.run([sys.executable, "-m", "registry.cli", "init", str(home)], env=env, check=True, capture_output=True)
     config = home / "svcreg.yaml"
     text = config.read_text().replace("127.0.0.1:9443", f"127.0.0.1:{free_port()}")
     config.write_text(text.replace("max_connections: 1000", f"max_connections: {subscribers + 200}"))
     server = subprocess.Popen(
-        [sys.executable, "-m", "registry.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "registry.cli", "serve", "--config", str(config), "--loop", loop],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
@@ -162,9 +171,9 @@ def svcreg_server(home: Path, subscribers: int) -> Iterator[tuple[int, subproces
 
 
 @contextlib.contextmanager
-def echo_server(home: Path) -> Iterator[int]:
+def echo_server(home: Path, loop: str = "auto") -> Iterator[int]:
     echo = subprocess.Popen(
-        [sys.executable, "-c", ECHO_SERVER, str(home / "tls/server.crt"), str(home / "tls/server.key")],
+        [sys.executable, "-c", ECHO_SERVER, str(home / "tls/server.crt"), str(home / "tls/server.key"), loop],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -350,10 +359,10 @@ async def one_run(options) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "svcreg"
         tls = TlsClientConfig(ca_file=str(home / "tls/ca.crt"))
-        with svcreg_server(home, options.subscribers) as (port, server):
+        with svcreg_server(home, options.subscribers, options.loop) as (port, server):
             token = (home / "admin.token").read_text().strip()
             svcreg = await bench_svcreg(port, server.pid, tls, token, options)
-        with echo_server(home) as port:
+        with echo_server(home, options.loop) as port:
             echo = await bench_echo(port, tls, options)
         with etcd_server(Path(tmp) / "etcd") as port:
             etcd = await bench_etcd(port, options)
@@ -393,6 +402,9 @@ def main() -> None:
     parser.add_argument("--fanout-rounds", type=int, default=20)
     parser.add_argument("--runs", type=int, default=1, help="report the median of this many runs")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="svcreg serve's and the echo's loop"
+    )
     options = parser.parse_args()
     results = medians([asyncio.run(one_run(options)) for _ in range(options.runs)])
     if options.json:

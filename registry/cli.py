@@ -125,10 +125,25 @@ def cmd_init(options: argparse.Namespace) -> int:
 def cmd_serve(options: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT, then close every connection (1001) and the store."""
     app = RegistryApp(ServerConfig.from_file(_config_path(options.config)), topology_interval=options.topology_interval)
+    run = _event_loop(options.loop)
     shrink_tls_read_buffers()  # process-wide, so here and not in the library
-    asyncio.run(app.serve(started=render.print_serving, stopping=render.print_stopping))
+    run(app.serve(started=render.print_serving, stopping=render.print_stopping))
     render.print_stopped(app)
     return EXIT_OK
+
+
+def _event_loop(choice: str) -> Callable[[Any], Any]:
+    """``asyncio.run`` or ``uvloop.run`` for ``--loop`` (auto: uvloop where it is installed; its TLS
+    and sockets are faster, see docs/registry.md)."""
+    if choice == "asyncio":
+        return asyncio.run
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ValidationError("--loop uvloop: uvloop is not installed (pip install uvloop)", field="loop") from None
+        return asyncio.run
+    return uvloop.run
 
 
 def cmd_token_create(options: argparse.Namespace) -> int:
@@ -308,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="SECONDS",
         help="re-detect the network topology this often (default: 30); a change emits NetworkTopologyChanged",
+    )
+    serve.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="the event loop (default: auto, uvloop where installed, else asyncio's)",
     )
     serve.set_defaults(handler=cmd_serve)
 

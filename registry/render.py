@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import Callable
@@ -146,7 +147,11 @@ def print_init(directory: Path, result: InitResult) -> None:
 def print_serving(app: RegistryApp) -> None:
     assert app.registry is not None
     revision = app.registry.revision
-    print(f"svcreg {__version__} serving wss://{app.address}/ (store {app.config.db}, revision {revision})", flush=True)
+    loop = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+    print(
+        f"svcreg {__version__} serving wss://{app.address}/ (store {app.config.db}, {loop} loop, revision {revision})",
+        flush=True,
+    )
 
 
 def print_stopping(app: RegistryApp) -> None:

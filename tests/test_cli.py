@@ -207,6 +207,30 @@ def test_serve_shuts_down_gracefully_on_a_signal(server: Server, signum: int) ->
     assert [s["service_name"] for s in json.loads(run("services", "list", "--json", env=env).stdout)] == ["web"]
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_serve_runs_on_the_chosen_event_loop(home: tuple[Path, dict[str, str]], loop: str) -> None:
+    """uvloop is a dependency (on CPython/Linux) and the default; asyncio's own loop stays selectable."""
+    server = Server(*home)
+    server.start("--loop", loop)
+    try:
+        assert server.serve is not None and f"{loop} loop, revision" in server.serve.lines[-1]
+        run("services", "register", "web", "--host", "h1", "--ip", "127.0.0.1", "--location", "local", env=server.env)
+        listed = json.loads(run("services", "list", "--json", env=server.env).stdout)
+        assert [entry["service_name"] for entry in listed] == ["web"]
+    finally:
+        assert server.stop() == 0
+
+
+def test_serve_uses_uvloop_by_default(server: Server) -> None:
+    assert server.serve is not None and "uvloop loop, revision" in server.serve.lines[-1]
+
+
+def test_serve_refuses_an_unknown_event_loop(home: tuple[Path, dict[str, str]]) -> None:
+    path, env = home
+    result = run("serve", "--config", str(path / "svcreg.yaml"), "--loop", "tokio", env=env, check=False)
+    assert result.returncode == 2 and "invalid choice: 'tokio'" in result.stderr
+
+
 def test_serve_refuses_a_bad_topology_interval(home: tuple[Path, dict[str, str]]) -> None:
     path, env = home
     for bad in ("0", "-5", "soon", "nan"):
