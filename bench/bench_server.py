@@ -93,6 +93,16 @@ ENTRY = {
 CONCURRENCY = (1, 8, 64)
 
 
+def entry(index: int, sequence: int) -> dict[str, object]:
+    """Client ``index``'s ``sequence``-th write: one of 500 instances per client, with new content every
+    time (an unchanged entry would be a heartbeat for svcreg: no revision, no commit)."""
+    return dict(
+        ENTRY,
+        service_name=f"bench-{index}-{sequence % 500}",
+        metadata={**ENTRY["metadata"], "sequence": str(sequence)},  # type: ignore[dict-item]
+    )
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -243,7 +253,7 @@ async def bench_svcreg(port: int, pid: int, tls: TlsClientConfig, token: str, op
     results: dict[str, float] = {}
 
     async def register(client, index, sequence):
-        await client.register_service(dict(ENTRY, service_name=f"bench-{index}-{sequence % 500}"))
+        await client.register_service(entry(index, sequence))
 
     async def get(client, index, sequence):
         await client.get_service("bench-0-0")
@@ -278,7 +288,6 @@ async def bench_svcreg(port: int, pid: int, tls: TlsClientConfig, token: str, op
 async def bench_etcd(port: int, options) -> dict[str, float]:
     import aetcd
 
-    value = json.dumps(ENTRY).encode()
     results: dict[str, float] = {}
 
     async def client_factory():
@@ -287,7 +296,8 @@ async def bench_etcd(port: int, options) -> dict[str, float]:
         return client
 
     async def put(client, index, sequence):
-        await client.put(f"/bench/services/bench-{index}-{sequence % 500}/h".encode(), value)
+        written = entry(index, sequence)
+        await client.put(f"/bench/services/{written['service_name']}/h".encode(), json.dumps(written).encode())
 
     async def get(client, index, sequence):
         await client.get(b"/bench/services/bench-0-0/h")
@@ -307,7 +317,7 @@ async def bench_etcd(port: int, options) -> dict[str, float]:
         streams[id(client)] = aiter(watch)
 
     async def trigger(round_number):
-        await writer.put(b"/bench/fanout", value)
+        await writer.put(b"/bench/fanout", json.dumps(entry(0, round_number)).encode())
 
     async def receive(client):
         await anext(streams[id(client)])
