@@ -268,6 +268,21 @@ class Registry:
         holds the ``ValidationError`` and the others are applied (the server coalesces
         concurrent ``register_service`` requests this way).
         """
+        outcomes, revision = self.stage_each(entries)
+        if revision:
+            self._make_durable(revision)
+        return outcomes
+
+    def stage_each(
+        self, entries: Iterable[ServiceEntry | Mapping[str, Any]]
+    ) -> tuple[list[ServiceEntry | ValidationError], int]:
+        """:meth:`add_or_update_each` without waiting for the disk, for event loops.
+
+        The entries are applied and written, not yet committed: returns the outcomes and the
+        last revision written (0: nothing changed). Hand that revision to
+        :meth:`make_durable_soon` and acknowledge nothing before it reports: until then the
+        writes are not durable and their events are not published.
+        """
         outcomes: list[ServiceEntry | ValidationError] = []
         placed: list[ServiceEntry] = []
         for item in entries:
@@ -278,11 +293,34 @@ class Registry:
             else:
                 outcomes.append(entry)
                 placed.append(entry)
-        stored = iter(self._apply(placed))
-        return [outcome if isinstance(outcome, ValidationError) else next(stored) for outcome in outcomes]
+        stored_entries, revision = self._stage(placed)
+        stored = iter(stored_entries)
+        return [outcome if isinstance(outcome, ValidationError) else next(stored) for outcome in outcomes], revision
+
+    def make_durable_soon(self, revision: int, done: Callable[[StoreError | None], None]) -> None:
+        """Commit without blocking, publish every event up to ``revision``, then call ``done``
+        (None, or the error that stopped the commit) from the thread that finished the commit."""
+
+        def committed(error: StoreError | None) -> None:
+            if error is None:
+                self._events.publish(revision)
+            done(error)
+
+        self._store.commit_soon(committed)
+
+    def check_commits(self) -> None:
+        """Fail the pending :meth:`make_durable_soon` calls the store can no longer finish."""
+        self._store.check_commits()
 
     def _apply(self, placed: list[ServiceEntry]) -> list[ServiceEntry]:
         """Write validated, placed entries in order with one commit; returns them as stored."""
+        stored_entries, revision = self._stage(placed)
+        if revision:
+            self._make_durable(revision)
+        return stored_entries
+
+    def _stage(self, placed: list[ServiceEntry]) -> tuple[list[ServiceEntry], int]:
+        """Write validated, placed entries in order, uncommitted: ``(as stored, last revision or 0)``."""
         stored_entries: list[ServiceEntry] = []
         last_revision = 0
         with self._lock:
@@ -308,9 +346,7 @@ class Registry:
                 self._timers.arm(stored, now)
                 stored_entries.append(stored)
                 last_revision = event.revision
-        if last_revision:
-            self._make_durable(last_revision)
-        return stored_entries
+        return stored_entries, last_revision
 
     def remove(self, name: str, host_id: str | None = None) -> ServiceEntry:
         """Unregister an instance (``host_id`` may be omitted when there is one); returns it.

@@ -26,6 +26,7 @@ from .exceptions import (
     RateLimited,
     RegistryError,
     ServiceNotFound,
+    StoreError,
     SubscriptionClosed,
     SubscriptionLagged,
     ValidationError,
@@ -101,7 +102,9 @@ class RegisterBatcher:
 
     One batch is in flight at a time; requests that arrive meanwhile form the next batch.
     A single request alone is written at once, so nothing waits for company. A bad entry
-    fails alone (``Registry.add_or_update_each``).
+    fails alone (``Registry.stage_each``). The batch is applied on the event loop (it is
+    in-memory work, cheaper than a hop to a thread and back) and the loop is woken by the
+    store's writer thread when the commit is done: no thread waits for the disk.
     """
 
     MAX_BATCH = 512
@@ -125,7 +128,9 @@ class RegisterBatcher:
             while self._pending:
                 batch, self._pending = self._pending[: self.MAX_BATCH], self._pending[self.MAX_BATCH :]
                 try:
-                    outcomes = await asyncio.to_thread(self._registry.add_or_update_each, [e for e, _ in batch])
+                    outcomes, revision = self._registry.stage_each([e for e, _ in batch])
+                    if revision:
+                        await self._durable(revision)
                 except Exception as exc:  # the store failed: every writer in the batch hears it
                     for _, future in batch:
                         if not future.done():
@@ -140,6 +145,39 @@ class RegisterBatcher:
                         future.set_result(outcome)
         finally:
             self._running = False
+
+    async def _durable(self, revision: int) -> None:
+        """Until everything up to ``revision`` is committed and published."""
+        loop = asyncio.get_running_loop()
+        committed: asyncio.Future[None] = loop.create_future()
+
+        def done(error: StoreError | None) -> None:  # in the store's writer thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_settle, committed, error)
+
+        def watch() -> None:  # a writer that died never answers: check now and then
+            self._registry.check_commits()
+            if not committed.done():
+                watchdog[0] = loop.call_later(_COMMIT_CHECK_INTERVAL, watch)
+
+        watchdog = [loop.call_later(_COMMIT_CHECK_INTERVAL, watch)]
+        self._registry.make_durable_soon(revision, done)
+        try:
+            await committed
+        finally:
+            watchdog[0].cancel()
+
+
+_COMMIT_CHECK_INTERVAL = 0.5  # seconds
+
+
+def _settle(future: asyncio.Future[None], error: StoreError | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 class Handlers:

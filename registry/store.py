@@ -24,6 +24,7 @@ Values are JSON, never pickle: a tampered pickle file is code execution.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -39,6 +40,8 @@ from sqlitedict import SqliteDict, SqliteMultithread
 
 from .exceptions import StoreError, ValidationError
 from .schema import decode_json
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SCHEMA_VERSION", "TABLES", "MemoryStore", "SqliteStore", "Store"]
 
@@ -92,6 +95,25 @@ class Store(ABC):
     @abstractmethod
     def commit(self) -> None:
         """Make every write issued so far durable; returns once it is."""
+
+    def commit_soon(self, done: Callable[[StoreError | None], None]) -> None:
+        """Start making every write issued so far durable and return; ``done`` is called once it
+        is (None) or once it failed (the error), from whichever thread finished the commit, or at
+        once when there is nothing to commit. For event loops: no thread waits for the disk.
+
+        This default commits in the calling thread.
+        """
+        try:
+            self.commit()
+        except StoreError as exc:
+            done(exc)
+            return
+        done(None)
+
+    def check_commits(self) -> None:
+        """Fail the pending :meth:`commit_soon` calls if the store can no longer finish them (its
+        writer died); whoever waits for one calls this now and then. Nothing to do by default."""
+        return
 
     @abstractmethod
     def close(self) -> None:
@@ -272,6 +294,7 @@ class SqliteStore(Store):
         self._pending: dict[str, dict[str, str | None]] = {name: {} for name in TABLES}
         self._failure: str | None = None
         self._closed = False
+        self._commits: set[_PendingCommit] = set()  # commit_soon() calls the worker has not answered
 
         self._conn = SqliteMultithread(str(self._path), autocommit=False, journal_mode="WAL", outer_stack=False)
         try:
@@ -411,6 +434,48 @@ class SqliteStore(Store):
                     self._cond.notify_all()
                 self._durable = batch_end
 
+    def commit_soon(self, done: Callable[[StoreError | None], None]) -> None:
+        """The commit request goes into the worker's queue behind the flushed writes and ``done``
+        runs in the worker's thread when sqlite has committed: the caller's thread never waits."""
+        with self._cond:
+            try:
+                self._usable()
+            except StoreError as exc:
+                error: StoreError | None = exc
+            else:
+                if self._durable < self._written:
+                    pending = _PendingCommit(self, self._written, done)
+                    self._flush()
+                    self._commits.add(pending)  # sqlitedict keeps only a weak reference
+                    self._conn.execute(_COMMIT_REQUEST, None, pending)
+                    return
+                error = None
+        done(error)
+
+    def _committed(self, pending: _PendingCommit, error: StoreError | None) -> None:
+        with self._cond:
+            if pending not in self._commits:
+                return  # check_commits failed it already
+            self._commits.discard(pending)
+            if error is None:
+                self._durable = max(self._durable, pending.batch_end)
+            elif self._failure is None:
+                self._failure = error.message
+            self._cond.notify_all()
+        try:
+            if error is None and self.commit_observer is not None:
+                self.commit_observer(time.perf_counter() - pending.started)
+            pending.done(error)
+        except Exception:  # in sqlitedict's worker, where an exception would end the thread
+            log.exception("a commit_soon callback of store %s failed", self._path)
+
+    def check_commits(self) -> None:
+        if self._conn.is_alive() or not self._commits:
+            return
+        error = StoreError(f"store {self._path}: the sqlite worker stopped; the commit did not happen")
+        for pending in list(self._commits):
+            self._committed(pending, error)
+
     def _wait_for_worker(self, done: Queue[object]) -> None:
         # sqlitedict's worker does not catch errors of the commit itself: it dies and
         # never answers. Poll its liveness so a dead worker is an error, not a hang.
@@ -437,6 +502,25 @@ class SqliteStore(Store):
         finally:
             self._closed = True
             self._conn.close(force=not self._conn.is_alive())
+
+
+class _PendingCommit:
+    """The answer queue of one :meth:`SqliteStore.commit_soon`: sqlitedict's worker calls ``put``
+    once the commit is done (its answer to every request goes through a ``put``)."""
+
+    def __init__(self, store: SqliteStore, batch_end: int, done: Callable[[StoreError | None], None]) -> None:
+        self.store = store
+        self.batch_end = batch_end
+        self.done = done
+        self.started = time.perf_counter()
+
+    def put(self, item: object) -> None:
+        try:
+            self.store._conn.check_raise_error()
+        except sqlite3.Error as exc:
+            self.store._committed(self, StoreError(f"store {self.store.path}: a write failed: {exc}"))
+        else:
+            self.store._committed(self, None)
 
 
 def _preflight(path: Path, *, create: bool, integrity_check: bool) -> None:

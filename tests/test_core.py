@@ -306,6 +306,24 @@ def test_add_or_update_many_is_all_or_nothing(registry: Registry) -> None:
     assert [event.revision for event in iter(subscription.get_nowait, None)] == [1, 2]
 
 
+def test_staged_writes_publish_only_once_durable(registry: Registry) -> None:
+    subscription = registry.subscribe(None)
+    outcomes, revision = registry.stage_each([make_entry("api", "h1"), make_entry("db", "h2")])
+    assert [entry.mod_revision for entry in outcomes] == [1, 2] and revision == 2
+    assert subscription.get_nowait() is None  # written, not committed: nobody hears of it yet
+    finished = threading.Event()
+    outcome: list[StoreError | None] = []
+
+    def done(error: StoreError | None) -> None:
+        outcome.append(error)
+        finished.set()
+
+    registry.make_durable_soon(revision, done)
+    assert finished.wait(10) and outcome == [None]
+    assert [event.revision for event in drain(subscription)] == [1, 2]  # published before done
+    assert registry.stage_each([make_entry("api", "h1")]) == ([registry.get_service("api")], 0)  # no change
+
+
 def test_add_or_update_each_fails_bad_entries_alone(registry: Registry) -> None:
     good = make_entry("api", "h1")
     bad = dict(make_entry("web", "h2").to_dict(), service_name="Not_A_Name")

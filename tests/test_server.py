@@ -7,6 +7,7 @@ import datetime
 import json
 import secrets
 import socket
+import sqlite3
 import ssl
 import warnings
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from registry import (
     RateLimited,
     Registry,
     ServiceNotFound,
+    StoreError,
     Unauthorized,
     ValidationError,
 )
@@ -641,6 +643,30 @@ async def test_location_aware_listing_through_the_server(running: Running) -> No
         ]
         with pytest.raises(ServiceNotFound):  # invisible is reported exactly like missing
             await reader.get_service("cache", "other-host")
+
+
+async def test_a_failed_commit_fails_the_writers_and_acknowledges_nothing(running: Running, tmp_path: Path) -> None:
+    store = running.registry.store
+    store._conn.execute("PRAGMA busy_timeout = 50")  # give up on the lock below quickly
+    subscriber = await running.client()
+    await subscriber.subscribe()
+    writers = [await running.client("write") for _ in range(3)]
+    try:
+        with sqlite3.connect(tmp_path / "registry.db", isolation_level=None) as other:
+            other.execute("BEGIN IMMEDIATE")  # another writer holds the write lock: the commit fails
+            outcomes = await asyncio.gather(
+                *(writer.register_service(make_entry(f"svc-{n}", "h1").to_dict()) for n, writer in enumerate(writers)),
+                return_exceptions=True,
+            )
+            other.execute("ROLLBACK")
+        assert all(isinstance(outcome, StoreError) and "database is locked" in outcome.message for outcome in outcomes)
+        with pytest.raises(StoreError):  # the store stays refused: the server does not pretend
+            await writers[0].register_service(make_entry("later", "h1").to_dict())
+        with pytest.raises(TimeoutError):  # no event for a write nobody got acknowledged
+            await subscriber.next_event(timeout=0.3)
+    finally:
+        for client in (subscriber, *writers):
+            await client.close()
 
 
 async def test_concurrent_registrations_share_commits_and_fail_alone(running: Running) -> None:

@@ -155,6 +155,65 @@ def test_group_commit_from_many_threads(tmp_path: Path) -> None:
         assert connection.execute("SELECT count(*) FROM services").fetchone()[0] == 800
 
 
+def _commit_soon(store: Store) -> tuple[threading.Event, list[StoreError | None]]:
+    finished = threading.Event()
+    outcome: list[StoreError | None] = []
+
+    def done(error: StoreError | None) -> None:
+        outcome.append(error)
+        finished.set()
+
+    store.commit_soon(done)
+    return finished, outcome
+
+
+def test_commit_soon_reports_once_the_writes_are_durable(store: Store, tmp_path: Path) -> None:
+    store.put("services", "a/h", {"n": 1})
+    finished, outcome = _commit_soon(store)
+    assert finished.wait(10) and outcome == [None]
+    if isinstance(store, SqliteStore):  # durable: another connection sees it
+        with sqlite3.connect(tmp_path / "s.db") as connection:
+            assert connection.execute("SELECT value FROM services WHERE key = 'a/h'").fetchone() == ('{"n":1}',)
+    finished, outcome = _commit_soon(store)  # nothing to commit: reported at once
+    assert finished.is_set() and outcome == [None]
+
+
+def test_commit_soon_failure_is_reported_and_the_store_refuses_more(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    store.put("services", "first", 1)
+    store.commit()
+    store._conn.execute("PRAGMA busy_timeout = 50")  # give up on the lock below quickly
+    with sqlite3.connect(tmp_path / "s.db", isolation_level=None) as other:
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+        store.put("services", "second", 2)
+        finished, outcome = _commit_soon(store)
+        assert finished.wait(10)
+        other.execute("ROLLBACK")
+    [error] = outcome
+    assert isinstance(error, StoreError) and "a write failed: database is locked" in error.message
+    with pytest.raises(StoreError, match="locked"):
+        store.put("services", "third", 3)
+    store.close()
+    reopened = SqliteStore(tmp_path / "s.db")
+    assert [key for key, _ in reopened.scan("services")] == ["first"]
+    reopened.close()
+
+
+def test_commit_soon_to_a_dead_worker_fails_on_check(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    store._conn.close(force=True)  # the sqlite worker thread is gone, as after a crash
+    store.put("services", "a", 1)
+    finished, outcome = _commit_soon(store)
+    assert not finished.wait(0.2)  # nobody is there to answer ...
+    store.check_commits()  # ... which the waiter's periodic check finds
+    assert finished.is_set()
+    [error] = outcome
+    assert isinstance(error, StoreError) and "the sqlite worker stopped" in error.message
+    store.check_commits()  # reported once only
+    assert len(outcome) == 1
+    store.close()
+
+
 # --- files that are not our store fail at open, with a clear message ---------------------
 
 
