@@ -231,7 +231,9 @@ class WsClient(_AsyncPages):
         self._replies[request_id] = reply = asyncio.get_running_loop().create_future()
         try:
             await self._connection.send(frame, text=True)
-            return _raised(await asyncio.wait_for(reply, self._settings.timeout))
+            async with asyncio.timeout(self._settings.timeout):  # no task per call, unlike wait_for
+                answer = await reply
+            return _raised(answer)
         except ConnectionClosed as exc:
             raise closed_error(self._settings.url, exc) from None
         except TimeoutError:
@@ -286,7 +288,9 @@ class WsClient(_AsyncPages):
             raise ConnectionFailed(f"the connection to {self._settings.url} is closed")
         try:
             while True:
-                message: JobMessage = _raised(await asyncio.wait_for(queue.get(), timeout))
+                async with asyncio.timeout(timeout):
+                    item = await queue.get()
+                message: JobMessage = _raised(item)
                 yield message
                 if message.event == "finished":
                     return
@@ -311,7 +315,12 @@ class WsClient(_AsyncPages):
             SubscriptionLagged: the server dropped a subscription that fell behind.
             ConnectionFailed: the connection closed.
         """
-        event: Event = _raised(await asyncio.wait_for(self._events.get(), timeout))
+        if self._events.empty():
+            async with asyncio.timeout(timeout):
+                item = await self._events.get()
+        else:  # already here: no waiting, no timer
+            item = self._events.get_nowait()
+        event: Event = _raised(item)
         return event
 
     @classmethod

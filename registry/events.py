@@ -20,6 +20,7 @@ import enum
 import itertools
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -298,20 +299,58 @@ def _async_waiter() -> tuple[Callable[[], Any], Callable[[], None]]:
     except RuntimeError:
         return _trio_waiter()
     future: asyncio.Future[None] = loop.create_future()
-
-    def resolve() -> None:
-        if not future.done():
-            future.set_result(None)
+    wakeups = _LoopWakeups.of(loop)
 
     def wake() -> None:
-        # A closed loop raises RuntimeError: nobody is waiting any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(resolve)
+        wakeups.add(future)
 
     async def wait() -> None:
         await future
 
     return wait, wake
+
+
+class _LoopWakeups:
+    """The futures to resolve on one asyncio loop, handed over in bursts.
+
+    One published event wakes every subscriber on the loop, from the thread that committed it:
+    a ``call_soon_threadsafe`` per subscriber would be a thousand handovers for a thousand
+    subscribers. Here the first wake of a burst schedules one callback and the others join it.
+    """
+
+    _by_loop: Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWakeups]] = weakref.WeakKeyDictionary()
+    _created: Final = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._due: list[asyncio.Future[None]] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _LoopWakeups:
+        wakeups = cls._by_loop.get(loop)
+        if wakeups is None:
+            with cls._created:
+                wakeups = cls._by_loop.setdefault(loop, cls(loop))
+        return wakeups
+
+    def add(self, future: asyncio.Future[None]) -> None:
+        with self._lock:
+            self._due.append(future)
+            if len(self._due) > 1:
+                return  # the callback of this burst is scheduled and has not run yet
+        try:
+            self._loop.call_soon_threadsafe(self._resolve)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            with self._lock:
+                self._due.clear()
+
+    def _resolve(self) -> None:
+        with self._lock:
+            due, self._due = self._due, []
+        for future in due:
+            if not future.done():
+                future.set_result(None)
 
 
 def _trio_waiter() -> tuple[Callable[[], Any], Callable[[], None]]:

@@ -417,16 +417,25 @@ def encode_job(job: str, event: str, data: Mapping[str, Any]) -> bytes:
 
 
 def encode_event(subscription: str, event: Event) -> bytes:
-    return _dumps(
-        {
-            "type": "event",
-            "subscription": subscription,
-            "event": event.type.value,
-            "revision": event.revision,
-            "timestamp": event.timestamp,
-            "data": event.data,
-        }
-    )
+    """The event frame for ``subscription``. The event's part is encoded once and shared by every
+    subscription it goes to (a change fanned out to a thousand subscribers is encoded once)."""
+    return b'{"type":"event","subscription":%b,%b' % (_ENCODER.encode(subscription), _event_body(event))
+
+
+def _event_body(event: Event) -> bytes:
+    """``"event":...,"revision":...,"timestamp":...,"data":...}``: the frame after the subscription."""
+    cached = _EVENT_BODIES.get(id(event))
+    if cached is not None and cached[0] is event:
+        return cached[1]
+    body = _dumps(event.to_dict())  # "event", "revision", "timestamp", "data", in that order
+    if len(_EVENT_BODIES) >= _EVENT_BODIES_KEPT:
+        _EVENT_BODIES.clear()  # a burst's worth: recent events are the ones being fanned out
+    _EVENT_BODIES[id(event)] = (event, body[1:])  # the event is kept with it: its id cannot be reused meanwhile
+    return body[1:]
+
+
+_EVENT_BODIES: Final[dict[int, tuple[Event, bytes]]] = {}
+_EVENT_BODIES_KEPT: Final = 1024
 
 
 # --- client side ------------------------------------------------------------------------

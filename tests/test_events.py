@@ -175,6 +175,27 @@ async def test_asyncio_reader_is_woken_from_another_thread(registry: Registry) -
     assert got == list(range(1, 11))
 
 
+async def test_one_publish_wakes_every_asyncio_subscriber_at_once(registry: Registry) -> None:
+    subscriptions = [registry.subscribe() for _ in range(200)]
+    readers = [asyncio.ensure_future(subscription.next_event()) for subscription in subscriptions]
+    await asyncio.sleep(0)  # every reader waits
+    await asyncio.to_thread(registry.add_or_update, make_entry())  # published from another thread
+    done, pending = await asyncio.wait(readers, timeout=10)
+    assert not pending and {task.result().revision for task in done} == {1}
+
+
+def test_a_wake_for_a_closed_loop_is_dropped() -> None:
+    from registry.events import _LoopWakeups
+
+    loop = asyncio.new_event_loop()
+    wakeups = _LoopWakeups.of(loop)
+    first, second = loop.create_future(), loop.create_future()
+    loop.close()
+    wakeups.add(first)  # the loop is gone: nobody waits, and the waker must not raise
+    wakeups.add(second)  # nor keep what it could not hand over
+    assert not first.done() and wakeups._due == []
+
+
 async def test_asyncio_iteration_ends_when_closed(registry: Registry) -> None:
     subscription = registry.subscribe()
     await asyncio.to_thread(registry.add_or_update, make_entry())

@@ -284,6 +284,11 @@ def test_event_frames() -> None:
     message = ClientCodec().decode(text)
     assert isinstance(message, EventMessage)
     assert message.event == event
+    # the event's part is encoded once and shared: another subscription differs in its id only
+    assert json.loads(encode_event("sub-10", event)) == dict(wire, subscription="sub-10")
+    assert encode_event("sub-3", event) == text
+    same_revision = Event(EventType.SERVICE_REGISTERED, 42, {"service": make_entry("other").to_dict()}, 1.5)
+    assert json.loads(encode_event("sub-3", same_revision))["data"]["service"]["service_name"] == "other"
 
 
 @pytest.mark.parametrize(
