@@ -432,7 +432,7 @@ class SqliteStore(Store):
                     self._cond.acquire()
                     self._committing = False
                     self._cond.notify_all()
-                self._durable = batch_end
+                self._durable = max(self._durable, batch_end)  # a commit_soon may have gone further
 
     def commit_soon(self, done: Callable[[StoreError | None], None]) -> None:
         """The commit request goes into the worker's queue behind the flushed writes and ``done``
@@ -488,10 +488,17 @@ class SqliteStore(Store):
                     raise StoreError(
                         f"store {self._path}: the sqlite worker stopped; the commit did not happen"
                     ) from None
+        error = self._worker_error()
+        if error is not None:
+            raise error
+
+    def _worker_error(self) -> StoreError | None:
+        """The error of a statement the worker ran since the last check, if one failed."""
         try:
             self._conn.check_raise_error()
         except sqlite3.Error as exc:
-            raise StoreError(f"store {self._path}: a write failed: {exc}") from None
+            return StoreError(f"store {self._path}: a write failed: {exc}")
+        return None
 
     def close(self) -> None:
         if self._closed:
@@ -515,12 +522,7 @@ class _PendingCommit:
         self.started = time.perf_counter()
 
     def put(self, item: object) -> None:
-        try:
-            self.store._conn.check_raise_error()
-        except sqlite3.Error as exc:
-            self.store._committed(self, StoreError(f"store {self.store.path}: a write failed: {exc}"))
-        else:
-            self.store._committed(self, None)
+        self.store._committed(self, self.store._worker_error())
 
 
 def _preflight(path: Path, *, create: bool, integrity_check: bool) -> None:
