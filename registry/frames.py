@@ -48,6 +48,8 @@ def read_frame(frame: str | bytes, *, actions: Collection[str]) -> Any:
     say which field is wrong and to recover the request's id."""
     try:
         return msgspec.json.decode(frame)
+    except UnicodeEncodeError:  # a lone surrogate in a str frame: not UTF-8, not JSON
+        raise RequestError("the frame is not valid UTF-8 text", request_id=None) from None
     except RecursionError:
         raise RequestError("the frame is nested too deeply to be a request", request_id=None) from None
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
