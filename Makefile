@@ -3,6 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+SERVING := $(VENV)/.installed-serve
 INSTALLED := $(VENV)/.installed
 VAR := var
 SVCREG_HOME ?= $(VAR)/svcreg
@@ -10,10 +11,16 @@ NETWORKS ?= inventories/services.yaml
 
 .PHONY: run test test-fast lint bench venv system-deps clean sanity units molecule
 
-$(INSTALLED): pyproject.toml
+# What serving needs (make run): svcreg and its runtime libraries, nothing of the test toolchain.
+$(SERVING): pyproject.toml
 	@scripts/ensure-python-venv "$(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	@touch $@
+
+# Everything else (make test, lint, bench): the test toolchain (molecule, ansible, ansible-lint, ...) on top.
+$(INSTALLED): $(SERVING)
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $@
 
@@ -23,7 +30,7 @@ system-deps:
 	@scripts/ensure-system-deps
 
 ## run: create the venv, set up $(SVCREG_HOME) on first run (svcreg init), serve the registry over TLS
-run: $(INSTALLED)
+run: $(SERVING)
 	@if [ ! -e "$(SVCREG_HOME)/svcreg.yaml" ]; then \
 		mkdir -p -m 700 "$(SVCREG_HOME)" && \
 		{ [ -e "$(SVCREG_HOME)/services.yaml" ] || install -m 644 "$(NETWORKS)" "$(SVCREG_HOME)/services.yaml"; } && \
