@@ -43,8 +43,20 @@ if TYPE_CHECKING:
     from .core import DEFAULT_EVENT_RETENTION, Registry
     from .deploy import PackageDeployer, RemoteTarget
     from .events import Event, EventFilter, EventType, Subscription
-    from .model import Endpoint, EndpointRecord, Location, NetworkInfo, ServiceEntry, ServiceState
-    from .network import Allocation, NetworkConfig, NetworkManager, Topology, detect_topology
+    from .model import (
+        Allocation,
+        DeployJob,
+        DetectedNetwork,
+        Endpoint,
+        EndpointRecord,
+        Location,
+        NetworkInfo,
+        NetworkSummary,
+        ServiceEntry,
+        ServiceState,
+        Topology,
+    )
+    from .network import NetworkConfig, NetworkManager, detect_topology
     from .package import build_package, inspect_package
     from .server import WsServer
     from .store import MemoryStore, SqliteStore, Store
@@ -63,10 +75,13 @@ _LAZY = {
     "NetworkInfo": "model",
     "ServiceEntry": "model",
     "ServiceState": "model",
-    "Allocation": "network",
+    "Allocation": "model",
+    "DeployJob": "model",
+    "DetectedNetwork": "model",
+    "NetworkSummary": "model",
+    "Topology": "model",
     "NetworkConfig": "network",
     "NetworkManager": "network",
-    "Topology": "network",
     "detect_topology": "network",
     "MemoryStore": "store",
     "SqliteStore": "store",
@@ -112,6 +127,8 @@ __all__ = [
     "Compacted",
     "ConfigError",
     "Conflict",
+    "DeployJob",
+    "DetectedNetwork",
     "Endpoint",
     "EndpointRecord",
     "Event",
@@ -124,6 +141,7 @@ __all__ = [
     "NetworkConfig",
     "NetworkInfo",
     "NetworkManager",
+    "NetworkSummary",
     "NotFound",
     "PoolExhausted",
     "ProtocolError",

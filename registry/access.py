@@ -28,6 +28,7 @@ from .auth import Role
 from .model import Location, ServiceEntry, validate_ip
 
 if TYPE_CHECKING:
+    from .events import Event
     from .network import NetworkConfig
 
 __all__ = ["Visibility", "visibility_for"]
@@ -57,13 +58,28 @@ class Visibility:
             return True
         return bool(network == self.network)
 
+    def allows_allocation(self, allocation: Mapping[str, Any]) -> bool:
+        """An address is seen by callers who can see its network (as instances in it)."""
+        return self.everything or self.on_registry_host or allocation.get("network") == self.network
+
+    def allows_event(self, event: Event) -> bool:
+        """Service events as their service, ``IpAllocated``/``IpReleased`` as their allocation;
+        topology events are seen by everyone."""
+        if self.everything:
+            return True
+        service = event.service_data
+        if service is not None:
+            return self.allows(service)
+        allocation = event.allocation_data
+        return allocation is None or self.allows_allocation(allocation)
+
     def allows_entry(self, entry: ServiceEntry) -> bool:
         if self.everything:
             return True
         return self.allows(
             {
                 "network_info": {"network": entry.network_info.network},
-                "location": entry.location.value,
+                "location": entry.location.value if entry.location is not None else None,
                 "host_id": entry.host_id,
             }
         )

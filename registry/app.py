@@ -14,6 +14,10 @@ or, to control it (tests)::
 Shutdown is graceful: connections are closed with 1001 (bounded by ``shutdown_timeout``),
 deploy jobs are cancelled, and the store is committed and closed.
 
+``SIGHUP`` reloads (:meth:`RegistryApp.reload`, ``systemctl reload svcreg``): ``svcreg.yaml``'s
+tokens and limits and the networks file are read again; a reload that fails validation keeps
+the running configuration, logs the error (file and field) and counts it in ``/metrics``.
+
 :func:`run_demo` is ``svcreg demo``: the library on the embedded store, without a server.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
+import logging
 import signal
 import socket
 import threading
@@ -32,8 +37,9 @@ from typing import TYPE_CHECKING, Final
 from . import __version__
 from .config import DeployConfig, ServerConfig
 from .core import Registry
+from .exceptions import ConfigError
 from .model import Endpoint, Location, NetworkInfo, ServiceEntry
-from .network import NetworkConfig, NetworkManager
+from .network import NetworkConfig, detect_topology
 
 if TYPE_CHECKING:
     from .events import Event
@@ -41,6 +47,20 @@ if TYPE_CHECKING:
     from .server import WsServer
 
 __all__ = ["RegistryApp", "deploy_jobs", "run_demo", "shrink_tls_read_buffers"]
+
+log = logging.getLogger(__name__)
+
+# svcreg.yaml settings a reload cannot change in a running server.
+_READ_AT_START: Final = (
+    "listen",
+    "db",
+    "synchronous",
+    "event_retention",
+    "tls",
+    "client_default_role",
+    "deploy",
+    "allowed_origins",
+)
 
 _TLS_READ_BUFFER: Final = 32 * 1024
 
@@ -82,14 +102,23 @@ class RegistryApp:
 
     Args:
         config: the validated ``svcreg.yaml``.
+        config_path: the file ``config`` was read from, read again by :meth:`reload`
+            (None: a reload re-reads only the networks file).
         topology_interval: re-detect the network topology this often (seconds); None: never.
         shutdown_timeout: how long :meth:`stop` waits for connections to close.
     """
 
     def __init__(
-        self, config: ServerConfig, *, topology_interval: float | None = 30.0, shutdown_timeout: float = 3.0
+        self,
+        config: ServerConfig,
+        *,
+        config_path: str | Path | None = None,
+        topology_interval: float | None = 30.0,
+        shutdown_timeout: float = 3.0,
     ) -> None:
         self.config = config
+        self.config_path = Path(config_path) if config_path is not None else None
+        self._reloading: asyncio.Task[bool] | None = None
         self.topology_interval = topology_interval
         self.shutdown_timeout = shutdown_timeout
         self.registry: Registry | None = None
@@ -129,14 +158,12 @@ class RegistryApp:
         )
         try:
             self.deploys = deploy_jobs(config.deploy or DeployConfig.default(config.db.parent), self.registry, networks)
-            manager = NetworkManager(networks, store=self.registry.store) if networks is not None else None
             self.registry.start_reaper()
             self.server = await WsServer.new_tls(
                 config.listen,
                 self.registry,
                 tls,
                 tokens=config.tokens,
-                networks=manager,
                 limits=config.limits,
                 topology_interval=self.topology_interval,
                 deploys=self.deploys,
@@ -165,18 +192,77 @@ class RegistryApp:
                 if registry is not None and not registry.closed:
                     await asyncio.to_thread(registry.close)
 
+    async def reload(self) -> bool:
+        """Read ``svcreg.yaml`` (tokens, limits) and the networks file again and use them: True if
+        the new configuration is in use, False if it failed validation (the running one stays, the
+        error is logged with the file and the field and counted in ``svcreg_config_reloads``).
+
+        A new token works for the next connection, a removed one no longer lets anyone sign in;
+        connections already signed in are kept. A changed networks file emits
+        ``NetworkTopologyChanged``. The listen address, the store, TLS files and deploy settings
+        are read at start only: a change to them is logged as needing a restart.
+        """
+        server, registry = self.server, self.registry
+        if server is None or registry is None:
+            raise RuntimeError("the app is not started")
+        try:
+            config = (
+                await asyncio.to_thread(ServerConfig.from_file, self.config_path) if self.config_path else self.config
+            )
+            networks = await asyncio.to_thread(NetworkConfig.from_file, config.networks) if config.networks else None
+            tokens = config.tokens
+        except ConfigError as exc:
+            server.metrics.reloads.labels("failed").inc()
+            log.error("reload failed, the running configuration stays: %s", exc.message)
+            return False
+        restart = server.reconfigure(tokens=tokens, limits=config.limits)
+        restart += [
+            key
+            for key in (
+                "listen",
+                "db",
+                "synchronous",
+                "event_retention",
+                "tls",
+                "client_default_role",
+                "deploy",
+                "allowed_origins",
+            )
+            if getattr(config, key) != getattr(self.config, key)
+        ]
+        event = await asyncio.to_thread(registry.reload_networks, networks)
+        if self.deploys is not None:  # deploy targets name nodes of the networks file
+            self.deploys.networks = self.deploys.deployer.networks = networks
+        self.config = config
+        server.metrics.reloads.labels("ok").inc()
+        if event is not None:
+            log.info("networks reloaded (revision %d): %s", event.revision, event.data["networks"])
+        if restart:
+            log.warning("reloaded; these settings changed and need a restart: %s", ", ".join(restart))
+        else:
+            log.info("reloaded: %d tokens, limits and networks in use", len(tokens.entries))
+        return True
+
+    def request_reload(self) -> None:
+        """Reload in the background (what ``SIGHUP`` does); reloads do not overlap."""
+        if self.server is None or (self._reloading is not None and not self._reloading.done()):
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self.reload())
+
     def request_shutdown(self) -> None:
         """Make :meth:`wait_for_shutdown` return: what the signal handlers do."""
         self._shutdown.set()
 
     def handle_signals(self, signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
-        """Let ``signals`` request a shutdown; the handlers only set a flag, the caller stops the app.
+        """Let ``signals`` request a shutdown, and ``SIGHUP`` a :meth:`reload`; the shutdown handlers
+        only set a flag, the caller stops the app.
 
         Call it before :meth:`start`: a signal during startup then stops the app as soon as it runs.
         """
         loop = asyncio.get_running_loop()
         for signum in signals:
             loop.add_signal_handler(signum, self.request_shutdown)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
 
     async def wait_for_shutdown(self) -> None:
         """Until a handled signal arrives or :meth:`request_shutdown` is called."""
@@ -240,11 +326,10 @@ def run_demo(
         threading.Thread(target=show_events, daemon=True).start()
         registry.start_reaper(interval=0.5)
         if network_config is not None:
-            manager = NetworkManager(network_config, store=registry.store)
-            registry.update_topology(manager.detect().to_dict())
+            registry.update_topology(detect_topology(network_config).to_dict())
             lan = network_config.by_location(Location.LAN)
             if lan:
-                allocation = manager.allocate_ip("svcreg-demo", lan[0].name)
+                allocation = registry.allocate_ip("svcreg-demo", lan[0].name)
                 say(f"allocated {allocation.ip}/{allocation.prefixlen} in {allocation.network} for svcreg-demo")
         host = socket.gethostname()
         registry.add_or_update(
@@ -256,6 +341,10 @@ def run_demo(
                 endpoints=(Endpoint("http", 8080),),
                 ttl_seconds=5,
             )
+        )
+        say(
+            f"registered svcreg-demo on {host}; heartbeats every 2 s, "
+            + (f"stopping after {duration:g} s" if duration is not None else "press Ctrl-C to stop")
         )
         while not stop.wait(min(2.0, duration or 2.0)):
             registry.heartbeat("svcreg-demo", host)

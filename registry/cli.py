@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -28,8 +29,17 @@ from .auth import Role
 from .client import BlockingClient, ConnectionSettings, WsClient
 from .config import CONFIG_FILE_NAME, ServerConfig, default_config_dir
 from .events import EventType, parse_event_types
-from .exceptions import ConnectionFailed, Forbidden, NotFound, RegistryError, Unauthorized, ValidationError
-from .model import Endpoint, Location, NetworkInfo, ServiceEntry
+from .exceptions import (
+    ConfigError,
+    ConnectionFailed,
+    Forbidden,
+    NotFound,
+    RegistryError,
+    Unauthorized,
+    ValidationError,
+)
+from .model import Endpoint, Location, NetworkInfo, ServiceEntry, Topology
+from .network import NetworkConfig, detect_topology
 from .package import build_package, inspect_package
 from .query import QUERY_FIELDS
 from .setup import add_token, client_environment, init_directory, read_env_file
@@ -41,6 +51,9 @@ _Request = Callable[[BlockingClient, argparse.Namespace], Any]
 """What a one-request command asks: ``lambda client, options: client.list_services(...)``."""
 
 EXIT_OK, EXIT_ERROR = 0, 1
+EXIT_INTERRUPTED: Final = 130  # Ctrl-C, as a shell reports SIGINT
+# The repository's example networks file, for `svcreg topology` in a checkout.
+_REPO_NETWORKS: Final = Path("inventories/services.yaml")
 # Exit codes of the errors, the most specific class first (see the top); every ValidationError is bad input.
 _EXIT_CODES: Final = ((ConnectionFailed, 5), ((Unauthorized, Forbidden), 4), (NotFound, 3), (ValidationError, 2))
 
@@ -124,7 +137,8 @@ def cmd_init(options: argparse.Namespace) -> int:
 
 def cmd_serve(options: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT, then close every connection (1001) and the store."""
-    app = RegistryApp(ServerConfig.from_file(_config_path(options.config)), topology_interval=options.topology_interval)
+    path = _config_path(options.config)
+    app = RegistryApp(ServerConfig.from_file(path), config_path=path, topology_interval=options.topology_interval)
     run = _event_loop(options.loop)
     shrink_tls_read_buffers()  # process-wide, so here and not in the library
     run(app.serve(started=render.print_serving, stopping=render.print_stopping))
@@ -185,14 +199,19 @@ def cmd_services_register(options: argparse.Namespace) -> int:
             raise ValidationError(f"{options.file}: not valid JSON: {exc}") from None
         entry = ServiceEntry.from_dict(data)
     else:
-        missing = [flag for flag, value in (("--host", options.host), ("--ip", options.ip)) if not value]
-        if not options.name or missing:
-            raise ValidationError(f"register needs NAME, --host and --ip (or --file); missing {', '.join(missing)}")
+        missing = [name for name, value in (("NAME", options.name), ("--host", options.host)) if not value]
+        if missing:
+            raise ValidationError(f"register needs NAME and --host (or --file); missing {', '.join(missing)}")
+        if not (options.ip or options.network or options.location):
+            raise ValidationError(
+                "register needs an address: --ip, or --network (or --location) for the registry to allocate one",
+                field="--ip",
+            )
         entry = ServiceEntry(
             options.name,
             options.host,
             options.location,
-            NetworkInfo(options.ip, options.hostname, options.network),
+            NetworkInfo(options.ip or None, options.hostname, options.network),
             options.state,
             tuple(_parse_endpoint(text) for text in options.endpoint or []),
             tuple(options.tag or []),
@@ -211,13 +230,72 @@ def cmd_watch(options: argparse.Namespace) -> int:
     wanted = sorted(parse_event_types(options.events)) if options.events else None
     event_filter = _filters(options) or None
 
+    def status(text: str) -> None:
+        print(f"svcreg: {text}", file=sys.stderr, flush=True)
+
     async def watch() -> None:
-        async for event in WsClient.watch(settings, wanted, since_revision=options.since, filter=event_filter):
+        async for event in WsClient.watch(
+            settings, wanted, since_revision=options.since, filter=event_filter, on_status=status
+        ):
             print(json.dumps(event.to_dict()) if options.json else render.describe_event(event), flush=True)
 
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         asyncio.run(watch())
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def cmd_services_heartbeat(options: argparse.Namespace) -> int:
+    """One heartbeat; with ``--every``, a heartbeat agent: one beat every N seconds until SIGTERM (exit 0) or
+    Ctrl-C (130), reconnecting after a lost connection, printing a line whenever the state it sees changes."""
+    settings = _connection(options)
+    if options.every is None:
+        with BlockingClient(settings) as once:
+            render.emit(once.heartbeat(options.name, options.host), render.SERVICES, as_json=options.json)
+        return EXIT_OK
+    stop = threading.Event()
+    stopped_by: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopped_by.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    who = f"{options.name}@{options.host}" if options.host else options.name
+    print(f"svcreg: a heartbeat for {who} every {options.every:g} s until stopped", file=sys.stderr, flush=True)
+    client: BlockingClient | None = None
+    last = None
+    try:
+        while not stop.is_set():
+            try:
+                client = client or BlockingClient(settings)
+                seen = client.heartbeat(options.name, options.host).state.value
+            except (ConnectionFailed, ValidationError, NotFound) as exc:  # retried with the next beat
+                seen = f"error: {exc.message}"
+                if client is not None:
+                    client.close()
+                client = None
+            if seen != last:
+                print(f"{who}: {seen}", flush=True)
+                last = seen
+            stop.wait(options.every)
+    finally:
+        if client is not None:
+            client.close()
+    return EXIT_INTERRUPTED if signal.SIGINT in stopped_by else EXIT_OK
+
+
+def _detect_here(options: argparse.Namespace) -> Topology:
+    """This host's topology against ``--networks`` (or the configured, or the repository's networks file)."""
+    candidates = [options.networks] if options.networks else [default_config_dir() / "services.yaml", _REPO_NETWORKS]
+    path = next((candidate for candidate in candidates if candidate.exists()), None)
+    if path is None:
+        raise ConfigError(
+            f"no networks file: give --networks FILE (looked for {', '.join(map(str, candidates))})", field="--networks"
+        )
+    return detect_topology(NetworkConfig.from_file(path), netns=options.netns)
 
 
 def cmd_show(options: argparse.Namespace) -> int:
@@ -269,7 +347,7 @@ def cmd_deploy(options: argparse.Namespace) -> int:
             finished = render.follow_job(client, job, console=Console(stderr=True), quiet=options.json)
         except KeyboardInterrupt:
             print(f"svcreg: stopped following job {job['job']}; it goes on on the registry", file=sys.stderr)
-            return 130
+            return EXIT_INTERRUPTED
     render.print_deploy_result(finished, as_json=options.json)
     return EXIT_OK if (finished.get("result") or {}).get("ok") else EXIT_ERROR
 
@@ -355,11 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("name", nargs="?")
     register.add_argument("--file", help="a JSON service entry ('-' for stdin) instead of the flags")
     register.add_argument("--host")
-    register.add_argument("--ip")
-    register.add_argument("--location", default="lan", choices=[loc.value for loc in Location])
+    register.add_argument("--ip", help="the instance's address (default: the registry allocates one in --network)")
+    register.add_argument(
+        "--location",
+        choices=[loc.value for loc in Location],
+        help="default: from the address (loopback: local; inside a configured network: its type)",
+    )
     register.add_argument("--state", default="running", choices=["starting", "running", "stopped", "failed"])
     register.add_argument("--hostname")
-    register.add_argument("--network")
+    register.add_argument("--network", help="the configured network (default: the one the address is in)")
     register.add_argument("--endpoint", action="append", help="NAME:PORT[/udp], repeatable")
     register.add_argument("--tag", action="append")
     register.add_argument("--meta", action="append", help="KEY=VALUE, repeatable")
@@ -374,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--host")
     _one_request(remove, lambda client, o: client.remove_service(o.name, o.host), render.SERVICES)
 
+    heartbeat = services.add_parser("heartbeat", help="tell the registry an instance is alive (restarts its TTL)")
+    heartbeat.add_argument("name")
+    heartbeat.add_argument("--host")
+    heartbeat.add_argument(
+        "--every", type=_positive_seconds, metavar="SECONDS", help="keep sending one this often until Ctrl-C"
+    )
+    _add_connection_options(heartbeat)
+    heartbeat.set_defaults(handler=cmd_services_heartbeat)
+
     set_state = services.add_parser("set-state", help="change an instance's state")
     set_state.add_argument("name")
     set_state.add_argument("state", choices=["starting", "running", "stopped", "failed"])
@@ -386,6 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_filter_options(watch)
     _add_connection_options(watch)
     watch.set_defaults(handler=cmd_watch)
+
+    topology = commands.add_parser(
+        "topology", help="detect this host's networks now, against a networks file (no server needed)"
+    )
+    topology.add_argument("--networks", type=Path, help="services.yaml (default: $SVCREG_HOME's, else inventories/)")
+    topology.add_argument("--netns", help="detect inside this network namespace (ip netns)")
+    topology.add_argument("--json", action="store_true", help="machine-readable output")
+    topology.set_defaults(handler=cmd_show, answer=_detect_here, view=render.TOPOLOGY)
 
     networks = commands.add_parser("networks", help="configured networks and the detected topology")
     _one_request(

@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -88,15 +89,23 @@ class _Actions:
         return self._call("heartbeat", {"service_name": service_name, "host_id": host_id})
 
     def list_networks(self) -> Any:
+        """The configured networks: ``[NetworkSummary]``."""
         return self._call("list_networks")
 
     def get_topology(self) -> Any:
+        """The detected topology (a :class:`~registry.model.Topology`, with the registry's ``revision``)."""
         return self._call("get_topology")
 
-    def allocate_ip(self, owner: str, network: str | Location) -> Any:
-        return self._call("allocate_ip", {"owner": owner, "network": str(network)})
+    def allocate_ip(self, owner: str, network: str | Location, *, ip: str | None = None) -> Any:
+        """``owner``'s :class:`~registry.model.Allocation` in ``network`` (``str()`` is the address);
+        ``ip`` asks for a specific address."""
+        params: dict[str, Any] = {"owner": owner, "network": str(network)}
+        if ip is not None:
+            params["ip"] = ip
+        return self._call("allocate_ip", params)
 
     def release_ip(self, owner: str, network: str | None = None) -> Any:
+        """What was released: ``[Allocation]``."""
         return self._call("release_ip", {"owner": owner, "network": network})
 
     def list_allocations(
@@ -257,6 +266,8 @@ class WsClient(_AsyncPages):
                     self._job_queue(delivery.key).put_nowait(delivery.item)
                 else:
                     await self._events.put(delivery.item)
+            # A clean close (1000, 1001) ends the iteration quietly: say which it was all the same.
+            closed = self._connection.protocol.close_exc
         except ConnectionClosed as exc:
             closed = exc
         except RegistryError as exc:
@@ -333,17 +344,24 @@ class WsClient(_AsyncPages):
         filter: Mapping[str, Any] | None = None,
         retry_delay: float = 0.5,
         max_retry_delay: float = 10.0,
+        on_status: Callable[[str], None] | None = None,
     ) -> AsyncIterator[Event]:
         """Events forever, across reconnects: each reconnect resumes from the last revision
-        seen, so every event arrives exactly once (or ``Compacted`` is raised)."""
+        seen, so every event arrives exactly once (or ``Compacted`` is raised).
+
+        ``on_status`` hears about the connection (``the connection to ... closed: code 1001
+        'going away'; reconnecting``, ``reconnected at revision 42``); default: logged as warnings.
+        """
+        say = on_status or (lambda text: log.warning("%s", text))
         last = since_revision
         wanted = list(events) if events is not None else None
         delay = retry_delay
+        lost = False
         while True:
             try:
                 client = await cls.connect(settings)
             except ConnectionFailed as exc:
-                log.warning("%s; retrying in %.1f s", exc.message, delay)
+                say(f"{exc.message}; retrying in {delay:.1f} s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, max_retry_delay)
                 continue
@@ -351,12 +369,16 @@ class WsClient(_AsyncPages):
             try:
                 subscription = await client.subscribe(wanted, since_revision=last, filter=filter)
                 last = client._codec.last_revision(subscription)
+                if lost:
+                    say(f"reconnected at revision {last}")
+                    lost = False
                 while True:
                     event = await client.next_event()
                     last = event.revision
                     yield event
             except ConnectionFailed as exc:
-                log.warning("%s; reconnecting and resuming after revision %s", exc.message, last)
+                lost = True
+                say(f"{exc.message}; reconnecting, resuming after revision {last}")
             finally:
                 await client.close()
 
@@ -464,9 +486,18 @@ class BlockingClient(_Actions):
         message: JobMessage | None = self._next_kept(self._job_messages, timeout)
         return message
 
-    def next_event(self, timeout: float | None = None) -> Event | None:
-        """The next event, or None after ``timeout`` seconds."""
-        event: Event | None = _raised(self._next_kept(self._events, timeout))
+    def next_event(self, timeout: float | None = None) -> Event:
+        """The next event of any subscription on this connection (as :meth:`WsClient.next_event`).
+
+        Raises:
+            TimeoutError: none arrived within ``timeout`` seconds (None: wait forever).
+            SubscriptionLagged: the server dropped a subscription that fell behind.
+            ConnectionFailed: the connection closed.
+        """
+        item = self._next_kept(self._events, timeout)
+        if item is None:
+            raise TimeoutError(f"no event within {timeout} s")
+        event: Event = _raised(item)
         return event
 
 
@@ -575,11 +606,21 @@ class TrioClient(_AsyncPages):
         result = await self._call("subscribe", self._subscribe_params(events, since_revision, filter))
         return str(result["subscription"])
 
-    async def next_event(self) -> Event:
+    async def next_event(self, timeout: float | None = None) -> Event:
+        """The next event of any subscription on this connection (as :meth:`WsClient.next_event`).
+
+        Raises:
+            TimeoutError: none arrived within ``timeout`` seconds (None: wait forever).
+            SubscriptionLagged: the server dropped a subscription that fell behind.
+            ConnectionFailed: the connection closed.
+        """
         import trio
 
         try:
-            item = await self._events_receive.receive()
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                item = await self._events_receive.receive()
+        except trio.TooSlowError:
+            raise TimeoutError(f"no event within {timeout} s") from None
         except trio.EndOfChannel:
             raise closed_error(self._settings.url) from None
         event: Event = _raised(item)

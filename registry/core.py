@@ -20,6 +20,12 @@ Which event an update produces (exactly one):
 * removal (or deregistration after TTL)   -> ``ServiceRemoved``
 * an update that changes nothing          -> no event, no revision
 
+With networks configured, addresses are part of an instance's life (docs/networks.md): an
+instance registered without an ``ip`` gets the next free address of its network, an ``ip``
+inside a network is recorded as the instance's allocation (owner ``"<service>@<host>"``),
+and removal releases it. Each such change is an event of its own, ``IpAllocated`` before
+the registration, ``IpReleased`` after the removal, with its own revision.
+
 ``data["changes"]`` lists every field that changed and ``data["previous"]`` their old
 values, so a subscriber of ``ServiceStateChanged`` also learns about endpoints that
 changed in the same update.
@@ -31,23 +37,30 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .eventlog import DEFAULT_EVENT_RETENTION, DEFAULT_SUBSCRIPTION_QUEUE, EventLog
 from .events import Event, EventType, Subscription
-from .exceptions import ServiceNotFound, StoreError, ValidationError
+from .exceptions import Conflict, NotFound, RegistryError, ServiceNotFound, StoreError, ValidationError
 from .model import (
     CONTENT_FIELDS,
+    Allocation,
     EndpointRecord,
     InstanceKey,
+    Location,
     NetworkInfo,
     ServiceEntry,
     ServiceState,
+    instance_owner,
     validate_host_id,
     validate_service_name,
 )
+from .network.config import Network, NetworkConfig
+from .network.ipam import AddressBook, canonical_ip, validate_owner
 from .query import ServiceQuery
 from .schema import convert
 from .store import MemoryStore, SqliteStore, Store
@@ -56,11 +69,13 @@ from .timers import Deadline, Reaper, Timers
 if TYPE_CHECKING:
     import os
 
-    from .network import Network, NetworkConfig
-
 __all__ = ["DEFAULT_EVENT_RETENTION", "EndpointRecord", "Registry"]
 
 log = logging.getLogger(__name__)
+
+# The registry each open store belongs to, so a NetworkManager given only the store works on
+# the same addresses (and events) as the registry instead of a second, diverging copy.
+_REGISTRY_ON_STORE: weakref.WeakValueDictionary[int, Registry] = weakref.WeakValueDictionary()
 
 _K = TypeVar("_K", str, InstanceKey)
 
@@ -75,7 +90,15 @@ def _content(entry: ServiceEntry) -> tuple[Any, ...]:
 
 def _instance_order(entry: ServiceEntry) -> tuple[bool, int, str]:
     """Sort key for choosing an instance: running first, then nearest, then host id."""
-    return (entry.state is not ServiceState.RUNNING, entry.location.distance, entry.host_id)
+    return (entry.state is not ServiceState.RUNNING, entry.distance, entry.host_id)
+
+
+@dataclass(slots=True)
+class _AddressChange:
+    """What giving an entry its address changed in the address book (to record, or to undo)."""
+
+    claimed: Allocation | None = None
+    released: list[Allocation] = field(default_factory=list)
 
 
 def _on_host(name: str, instances: Mapping[str, ServiceEntry], host_id: str) -> ServiceEntry:
@@ -112,6 +135,7 @@ class Registry:
         self._store = store if store is not None else MemoryStore()
         self._events = EventLog(self._store, retention=event_retention, wall_clock=wall_clock)
         self._networks = networks
+        self._book = AddressBook(networks, self._store) if networks is not None else None
         self._clock = clock
         self._wall_clock = wall_clock
 
@@ -128,13 +152,26 @@ class Registry:
         self._closed = False
 
         self._load()
+        _REGISTRY_ON_STORE[id(self._store)] = self
 
     # --- construction -------------------------------------------------------------
 
     @classmethod
     def with_persistence(cls, path: str | os.PathLike[str], *, synchronous: str = "FULL", **options: Any) -> Registry:
-        """A registry on the embedded store at ``path``, created if missing."""
+        """A registry on the embedded store at ``path``, created if missing (with its folder, 0700)."""
+        folder = Path(path).parent
+        if not folder.exists():
+            try:
+                folder.mkdir(parents=True, mode=0o700)
+            except OSError as exc:
+                raise StoreError(f"cannot create the store's folder {folder}: {exc.strerror}") from None
         return cls(store=SqliteStore(path, create=True, synchronous=synchronous), **options)
+
+    @classmethod
+    def on_store(cls, store: Store) -> Registry | None:
+        """The open registry that uses ``store``, if any."""
+        registry = _REGISTRY_ON_STORE.get(id(store))
+        return registry if registry is not None and registry._store is store and not registry._closed else None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, synchronous: str = "FULL", **options: Any) -> Registry:
@@ -261,12 +298,13 @@ class Registry:
 
     def add_or_update_each(
         self, entries: Iterable[ServiceEntry | Mapping[str, Any]]
-    ) -> list[ServiceEntry | ValidationError]:
+    ) -> list[ServiceEntry | RegistryError]:
         """:meth:`add_or_update` for many independent writers with one commit.
 
         Unlike :meth:`add_or_update_many`, a bad entry fails alone: its slot in the result
-        holds the ``ValidationError`` and the others are applied (the server coalesces
-        concurrent ``register_service`` requests this way).
+        holds the error (``ValidationError``, or ``Conflict``/``PoolExhausted`` for its
+        address) and the others are applied (the server coalesces concurrent
+        ``register_service`` requests this way).
         """
         outcomes, revision = self.stage_each(entries)
         if revision:
@@ -275,7 +313,7 @@ class Registry:
 
     def stage_each(
         self, entries: Iterable[ServiceEntry | Mapping[str, Any]]
-    ) -> tuple[list[ServiceEntry | ValidationError], int]:
+    ) -> tuple[list[ServiceEntry | RegistryError], int]:
         """:meth:`add_or_update_each` without waiting for the disk, for event loops.
 
         The entries are applied and written, not yet committed: returns the outcomes and the
@@ -283,7 +321,7 @@ class Registry:
         :meth:`make_durable_soon` and acknowledge nothing before it reports: until then the
         writes are not durable and their events are not published.
         """
-        outcomes: list[ServiceEntry | ValidationError] = []
+        outcomes: list[ServiceEntry | RegistryError] = []
         placed: list[ServiceEntry] = []
         for item in entries:
             try:
@@ -293,9 +331,9 @@ class Registry:
             else:
                 outcomes.append(entry)
                 placed.append(entry)
-        stored_entries, revision = self._stage(placed)
-        stored = iter(stored_entries)
-        return [outcome if isinstance(outcome, ValidationError) else next(stored) for outcome in outcomes], revision
+        staged, revision = self._stage(placed, each=True)
+        results = iter(staged)
+        return [outcome if isinstance(outcome, RegistryError) else next(results) for outcome in outcomes], revision
 
     def make_durable_soon(self, revision: int, done: Callable[[StoreError | None], None]) -> None:
         """Commit without blocking, publish every event up to ``revision``, then call ``done``
@@ -314,23 +352,47 @@ class Registry:
 
     def _apply(self, placed: list[ServiceEntry]) -> list[ServiceEntry]:
         """Write validated, placed entries in order with one commit; returns them as stored."""
-        stored_entries, revision = self._stage(placed)
+        staged, revision = self._stage(placed, each=False)
         if revision:
             self._make_durable(revision)
-        return stored_entries
+        return [entry for entry in staged if isinstance(entry, ServiceEntry)]
 
-    def _stage(self, placed: list[ServiceEntry]) -> tuple[list[ServiceEntry], int]:
-        """Write validated, placed entries in order, uncommitted: ``(as stored, last revision or 0)``."""
-        stored_entries: list[ServiceEntry] = []
+    def _stage(self, placed: list[ServiceEntry], *, each: bool) -> tuple[list[ServiceEntry | RegistryError], int]:
+        """Write placed entries in order, uncommitted: ``(as stored or the error, last revision or 0)``.
+
+        Addresses come first, for every entry: with ``each`` an entry whose address cannot be
+        had fails alone; without, the first such failure undoes the others and is raised.
+        """
+        results: list[ServiceEntry | RegistryError] = []
         last_revision = 0
         with self._lock:
             self._check_open()
             now = self._clock()
+            addressed: list[tuple[ServiceEntry, _AddressChange] | RegistryError] = []
             for entry in placed:
+                try:
+                    addressed.append(self._address(entry, self._services.get(entry.key)))
+                except RegistryError as exc:
+                    if not each:
+                        for item in reversed(addressed):
+                            assert not isinstance(item, RegistryError)
+                            self._undo_address(item[1])
+                        raise
+                    addressed.append(exc)
+            for item in addressed:
+                if isinstance(item, RegistryError):
+                    results.append(item)
+                    continue
+                entry, change = item
+                for released in change.released:
+                    last_revision = self._record_allocation(EventType.IP_RELEASED, released, "moved").revision
+                if change.claimed is not None:
+                    claimed = self._record_allocation(EventType.IP_ALLOCATED, change.claimed, "registered")
+                    last_revision = claimed.revision
                 old = self._services.get(entry.key)
                 if old is not None and _content(old) == _content(entry):
                     self._timers.arm(old, now, heartbeat=True)
-                    stored_entries.append(old)
+                    results.append(old)
                     continue
                 revision = self._events.next_revision
                 stored = entry.stamped(
@@ -344,9 +406,9 @@ class Registry:
                     event = self._record_update(old, stored, {})
                 self._ttl_failed.discard(stored.key)
                 self._timers.arm(stored, now)
-                stored_entries.append(stored)
+                results.append(stored)
                 last_revision = event.revision
-        return stored_entries, last_revision
+        return results, last_revision
 
     def remove(self, name: str, host_id: str | None = None) -> ServiceEntry:
         """Unregister an instance (``host_id`` may be omitted when there is one); returns it.
@@ -358,8 +420,9 @@ class Registry:
         with self._lock:
             self._check_open()
             entry = self._resolve(name, host_id)
-            event = self._record_removal(entry, "removed")
-        self._make_durable(event.revision)
+            self._record_removal(entry, "removed")
+            revision = self._events.next_revision - 1
+        self._make_durable(revision)
         return entry
 
     def set_state(self, name: str, state: ServiceState | str, host_id: str | None = None) -> ServiceEntry:
@@ -408,6 +471,159 @@ class Registry:
         self._make_durable(event.revision)
         return event
 
+    # --- addresses ----------------------------------------------------------------------
+
+    def allocate_ip(self, owner: str, network: str | Location, *, ip: str | None = None) -> Allocation:
+        """``owner``'s address in ``network`` (a name, or a location with one network): the one
+        it holds, else the lowest free one (``IpAllocated``). ``ip`` asks for a specific address.
+
+        Raises:
+            Conflict: ``ip`` is reserved or held by another owner, or the owner holds another one.
+            PoolExhausted: no free address is left.
+            NotFound: no such network.
+        """
+        return self.allocate_many([owner], network, ip=ip)[0]
+
+    def allocate_many(
+        self, owners: Sequence[str], network: str | Location, *, ip: str | None = None
+    ) -> list[Allocation]:
+        """:meth:`allocate_ip` for several owners with one commit, all or nothing."""
+        owners = [validate_owner(owner) for owner in owners]
+        if ip is not None and len(owners) != 1:
+            raise ValidationError("a specific ip can be requested for one owner only", field="ip")
+        with self._lock:
+            self._check_open()
+            book = self._require_book()
+            target = book.config.resolve(network)
+            wanted = canonical_ip(ip, target) if ip is not None else None
+            results: list[Allocation] = []
+            new: list[Allocation] = []
+            try:
+                for owner in owners:
+                    existing = book.get(owner, target.name)
+                    if existing is None:
+                        existing = book.claim(owner, target, wanted)
+                        new.append(existing)
+                    elif wanted is not None and existing.ip != wanted:
+                        raise Conflict(
+                            f"{owner!r} already holds {existing.ip} in {target.name!r}; release it first",
+                            details={"owner": owner, "network": target.name, "ip": existing.ip},
+                        )
+                    results.append(existing)
+            except BaseException:
+                for allocation in new:
+                    book.drop(allocation)
+                raise
+            for allocation in new:
+                self._record_allocation(EventType.IP_ALLOCATED, allocation, "allocate_ip")
+            revision = self._events.next_revision - 1
+        if new:
+            self._make_durable(revision)
+        return results
+
+    def release_ip(self, owner: str, network: str | Location | None = None) -> list[Allocation]:
+        """Release ``owner``'s address in ``network`` (or in every network): one ``IpReleased``
+        each. Returns what was released; an owner without addresses gives ``[]`` (idempotent).
+
+        Raises:
+            Conflict: a registered instance still uses the address (remove it instead).
+        """
+        owner = validate_owner(owner)
+        with self._lock:
+            self._check_open()
+            book = self._require_book()
+            held = [book.get(owner, book.config.resolve(network).name)] if network is not None else book.of_owner(owner)
+            released = [allocation for allocation in held if allocation is not None]
+            key = _instance_key(owner)
+            instance = self._services.get(key) if key is not None else None
+            for allocation in released:
+                if (
+                    instance is not None
+                    and instance.network_info.ip == allocation.ip
+                    and instance.network_info.network == allocation.network
+                ):
+                    raise Conflict(
+                        f"{allocation.ip} in {allocation.network!r} is the address of the registered instance "
+                        f"{owner!r}: remove the service to release it",
+                        details={"owner": owner, "network": allocation.network, "ip": allocation.ip},
+                    )
+            for allocation in released:
+                book.drop(allocation)
+                self._record_allocation(EventType.IP_RELEASED, allocation, "release_ip")
+            revision = self._events.next_revision - 1
+        if released:
+            self._make_durable(revision)
+        return released
+
+    def get_allocation(self, owner: str, network: str | Location) -> Allocation:
+        """``owner``'s address in ``network``.
+
+        Raises:
+            NotFound: it holds none there (or no such network).
+        """
+        with self._lock:
+            book = self._require_book()
+            target = book.config.resolve(network)
+            allocation = book.get(owner, target.name)
+        if allocation is None:
+            raise NotFound(
+                f"{owner!r} has no address in {target.name!r}", details={"owner": owner, "network": target.name}
+            )
+        return allocation
+
+    def allocations(self, network: str | Location | None = None) -> list[Allocation]:
+        """Current allocations, ordered by network (file order) then address."""
+        with self._lock:
+            book = self._require_book()
+            return book.allocations(book.config.resolve(network).name if network is not None else None)
+
+    def owner_of(self, ip: str) -> Allocation | None:
+        """The allocation holding ``ip``, if any."""
+        with self._lock:
+            return self._require_book().owner_of(ip)
+
+    def free_count(self, network: str | Location) -> int:
+        with self._lock:
+            book = self._require_book()
+            return book.free_count(book.config.resolve(network).name)
+
+    def orphaned_allocations(self) -> list[dict[str, Any]]:
+        """Stored allocations that no longer fit the networks (kept, never handed out again)."""
+        with self._lock:
+            return self._book.orphans() if self._book is not None else []
+
+    def reload_networks(self, networks: NetworkConfig | None) -> Event | None:
+        """Use another networks configuration from now on (``SIGHUP``): ``NetworkTopologyChanged``
+        with what changed, or None when nothing did. Allocations outside the new networks become
+        orphans (kept aside, never dropped); entries keep the network they were registered in."""
+        with self._lock:
+            self._check_open()
+            changes = _network_changes(self._networks, networks)
+            orphans_before = {orphan["key"] for orphan in self._book.orphans()} if self._book is not None else set()
+            self._networks = networks
+            if networks is None:
+                book = None
+            elif self._book is not None:
+                book = self._book.reconfigured(networks)
+            else:
+                book = AddressBook(networks, self._store)
+            self._book = book
+            if not changes:
+                return None
+            orphaned = [orphan for orphan in (book.orphans() if book else []) if orphan["key"] not in orphans_before]
+            event = self._events.append(
+                EventType.NETWORK_TOPOLOGY_CHANGED,
+                {
+                    "reason": "networks_reloaded",
+                    "networks": changes,
+                    "orphaned": orphaned,
+                    "topology": self._topology,
+                    "previous": self._topology,
+                },
+            )
+        self._make_durable(event.revision)
+        return event
+
     # --- TTL ------------------------------------------------------------------------
 
     def expire(self, now: float | None = None) -> list[Event]:
@@ -428,8 +644,9 @@ class Registry:
                     events.append(event)
                 else:
                     events.append(self._record_removal(entry, "deregistered_after_failure"))
+            revision = self._events.next_revision - 1
         if events:
-            self._make_durable(events[-1].revision)
+            self._make_durable(revision)
         return events
 
     def next_deadline(self) -> float | None:
@@ -519,51 +736,107 @@ class Registry:
         return instances
 
     def _place(self, item: ServiceEntry | Mapping[str, Any]) -> ServiceEntry:
-        """The entry, its address checked against the configured networks and its network filled in."""
+        """The entry with its location and network worked out from its address (or the reverse).
+
+        Loopback addresses are ``local``; an address inside a configured network takes that
+        network's location and name; an entry without an ``ip`` names its network (or a
+        location with one network) and gets its address in :meth:`_stage`.
+        """
         entry = item if isinstance(item, ServiceEntry) else ServiceEntry.from_dict(item)
-        if self._networks is None:
-            return entry
         info = entry.network_info
-        network: Network | None
-        if info.network is not None:
-            try:
-                network = self._networks.get(info.network)
-            except Exception:
-                known = ", ".join(self._networks.networks) or "none"
+        networks = self._networks
+        if networks is None or not networks.networks:
+            if info.ip is None:
                 raise ValidationError(
-                    f"network_info.network {info.network!r} is not a configured network (known: {known})",
+                    "network_info.ip is required: this registry has no networks to allocate an address from",
+                    field="network_info.ip",
+                )
+            if info.network is not None and networks is not None:
+                raise ValidationError(
+                    f"network_info.network {info.network!r} is not a configured network (known: none)",
                     field="network_info.network",
-                ) from None
-            if not network.contains(info.ip):
+                )
+            if entry.location is None:
+                if not info.is_loopback:
+                    raise ValidationError(
+                        f"location is required for {info.ip}: this registry has no networks to take it from "
+                        "(give location: lan, wireguard or local)",
+                        field="location",
+                    )
+                entry = entry.evolve(location=Location.LOCAL)
+            return entry
+        network = self._network_of(entry, networks)
+        location = entry.location
+        if network is None:
+            # an address in no configured network (ip is set: _network_of needs a network without one)
+            if location is None:
+                if not info.is_loopback:
+                    raise ValidationError(
+                        f"location is required for {info.ip}: it is in none of the configured networks "
+                        f"({_describe(networks)}); give location, or an address inside one of them",
+                        field="location",
+                    )
+                location = Location.LOCAL
+            return entry if location is entry.location else entry.evolve(location=location)
+        if location is not None and network.type is not location:
+            where = info.ip if info.ip is not None else f"network {network.name!r}"
+            raise ValidationError(
+                f"{where} is in the {network.type.value} network {network.name!r}, "
+                f"but the location is {location.value!r}",
+                field="location",
+            )
+        if location is None or info.network is None:
+            entry = entry.evolve(location=network.type, network_info=NetworkInfo(info.ip, info.hostname, network.name))
+        return entry
+
+    @staticmethod
+    def _network_of(entry: ServiceEntry, networks: NetworkConfig) -> Network | None:
+        """The configured network of ``entry``: named, containing its address, or the only one
+        of its location (when it has no address yet)."""
+        info = entry.network_info
+        if info.network is not None:
+            network = networks.networks.get(info.network)
+            if network is None:
+                raise ValidationError(
+                    f"network_info.network {info.network!r} is not a configured network (known: "
+                    f"{', '.join(networks.networks)})",
+                    field="network_info.network",
+                )
+            if info.ip is not None and not network.contains(info.ip):
                 raise ValidationError(
                     f"network_info.ip {info.ip} is outside network {network.name!r} ({network.subnet})",
                     field="network_info.ip",
                 )
-        else:
-            network = self._networks.classify(info.ip)
-            if network is None:
-                return entry
-        if network.type is not entry.location:
+            return network
+        if info.ip is not None:
+            return networks.classify(info.ip)
+        if entry.location is None:
             raise ValidationError(
-                f"{info.ip} is in the {network.type.value} network {network.name!r}, "
-                f"but the location is {entry.location.value!r}",
-                field="location",
+                f"network_info needs an ip, or a network to allocate one from (configured: {_describe(networks)})",
+                field="network_info.ip",
             )
-        if info.network is None:
-            entry = entry.evolve(network_info=NetworkInfo(info.ip, info.hostname, network.name))
-        return entry
+        candidates = networks.by_location(entry.location)
+        if len(candidates) != 1:
+            found = ", ".join(network.name for network in candidates) or "none"
+            raise ValidationError(
+                f"network_info.ip is missing and location {entry.location.value!r} has "
+                f"{'no network' if not candidates else 'several networks'} ({found}) to allocate from: "
+                "give network_info.network or network_info.ip",
+                field="network_info.network",
+            )
+        return candidates[0]
 
     def _index(self, entry: ServiceEntry) -> None:
         self._services[entry.key] = entry
         self._by_name.setdefault(entry.service_name, {})[entry.host_id] = entry
         self._by_host.setdefault(entry.host_id, {})[entry.service_name] = entry
-        self._hosts_by_ip.setdefault(entry.network_info.ip, {})[entry.key] = entry.host_id
+        self._hosts_by_ip.setdefault(entry.ip, {})[entry.key] = entry.host_id
 
     def _unindex(self, entry: ServiceEntry) -> None:
         del self._services[entry.key]
         _drop(self._by_name, entry.service_name, entry.host_id)
         _drop(self._by_host, entry.host_id, entry.service_name)
-        _drop(self._hosts_by_ip, entry.network_info.ip, entry.key)
+        _drop(self._hosts_by_ip, entry.ip, entry.key)
 
     def _record(self, entry: ServiceEntry, event_type: EventType, data: dict[str, Any]) -> Event:
         self._store.put("services", _service_key(entry.key), entry.to_record())
@@ -589,12 +862,130 @@ class Registry:
         return self._record(new, event_type, data)
 
     def _record_removal(self, entry: ServiceEntry, reason: str) -> Event:
+        """Remove ``entry``; its address is released after it (or handed to an instance of the
+        same host still on it): more events may follow the one returned."""
         self._store.delete("services", _service_key(entry.key))
         event = self._events.append(EventType.SERVICE_REMOVED, {"service": entry.to_dict(), "reason": reason})
         self._unindex(entry)
         self._timers.forget(entry.key)
         self._ttl_failed.discard(entry.key)
+        self._release_address(entry, reason)
         return event
+
+    # --- addresses (callers hold self._lock) -------------------------------------------------
+
+    def _address(self, entry: ServiceEntry, old: ServiceEntry | None) -> tuple[ServiceEntry, _AddressChange]:
+        """``entry`` with its address, and what that changed in the address book.
+
+        Raises (having changed nothing):
+            Conflict: the address is allocated to another owner (not an instance of this host).
+            PoolExhausted: the entry needs an address and its network has none left.
+        """
+        change = _AddressChange()
+        book = self._book
+        name = entry.network_info.network
+        owner = instance_owner(entry.service_name, entry.host_id)
+        network = book.config.networks.get(name) if book is not None and name is not None else None
+        if book is None or name is None or network is None:
+            if name is not None and network is None:  # the networks were reloaded since _place
+                raise ValidationError(
+                    f"network_info.network {name!r} is not a configured network", field="network_info.network"
+                )
+            self._release_moved(owner, old, None, change)
+            return entry, change
+        info = entry.network_info
+        ip = info.ip
+        if network.type is Location.LOCAL:
+            # Loopback addresses belong to each machine: nothing to allocate or to check.
+            if ip is None:
+                entry = entry.evolve(network_info=NetworkInfo(_loopback_in(network), info.hostname, name))
+            self._release_moved(owner, old, None, change)
+            return entry, change
+        held = book.get(owner, name)
+        if ip is None:
+            if held is not None:
+                ip = held.ip
+            else:
+                change.claimed = book.claim(owner, network)
+                ip = change.claimed.ip
+            entry = entry.evolve(network_info=NetworkInfo(ip, info.hostname, name))
+        elif held is None or held.ip != ip:
+            claim = False
+            # A reserved address (a node's own, the gateway) is the file's: instances may use it, nobody holds it.
+            if not book.is_reserved(network, ip):
+                holder = book.holder(network, ip)
+                if holder is None:
+                    claim = True
+                elif not _shares_host(holder, entry.host_id):
+                    raise Conflict(
+                        f"network_info.ip {ip} in {name!r} is allocated to {holder!r}",
+                        details={"ip": ip, "network": name, "owner": holder, "field": "network_info.ip"},
+                    )
+            if held is not None and (claim or network.release_on_remove):
+                book.drop(held)
+                change.released.append(held)
+            if claim:
+                change.claimed = book.claim(owner, network, ip)
+        self._release_moved(owner, old, name, change)
+        return entry, change
+
+    def _release_moved(self, owner: str, old: ServiceEntry | None, network: str | None, change: _AddressChange) -> None:
+        """Release the address ``old`` had in another network than ``network`` (the instance moved)."""
+        book = self._book
+        if book is None or old is None or old.network_info.network in (None, network):
+            return
+        held = book.get(owner, old.network_info.network)
+        configured = book.config.networks.get(old.network_info.network)
+        if (
+            held is not None
+            and held.ip == old.network_info.ip
+            and configured is not None
+            and configured.release_on_remove
+        ):
+            book.drop(held)
+            change.released.append(held)
+
+    def _undo_address(self, change: _AddressChange) -> None:
+        book = self._book
+        assert book is not None or (change.claimed is None and not change.released)
+        if book is None:
+            return
+        if change.claimed is not None:
+            book.drop(change.claimed)
+        for allocation in reversed(change.released):
+            book.claim(allocation.owner, book.config.networks[allocation.network], allocation.ip)
+
+    def _release_address(self, entry: ServiceEntry, reason: str) -> Event | None:
+        """After ``entry`` left: release its allocation, or hand it to an instance of the same host
+        still registered on that address. Returns the last event, if any."""
+        book = self._book
+        name = entry.network_info.network
+        if book is None or name is None:
+            return None
+        network = book.config.networks.get(name)
+        owner = instance_owner(entry.service_name, entry.host_id)
+        held = book.get(owner, name)
+        if network is None or held is None or held.ip != entry.network_info.ip or not network.release_on_remove:
+            return None
+        book.drop(held)
+        event = self._record_allocation(EventType.IP_RELEASED, held, reason)
+        staying = sorted(
+            key
+            for key in self._hosts_by_ip.get(held.ip, {})
+            if self._services[key].network_info.network == name and book.get(instance_owner(*key), name) is None
+        )
+        if staying:
+            heir = book.claim(instance_owner(*staying[0]), network, held.ip)
+            event = self._record_allocation(EventType.IP_ALLOCATED, heir, "handed_over")
+        return event
+
+    def _record_allocation(self, event_type: EventType, allocation: Allocation, reason: str) -> Event:
+        return self._events.append(event_type, {"allocation": allocation.to_dict(), "reason": reason})
+
+    def _require_book(self) -> AddressBook:
+        if self._book is None:
+            raise ValidationError("this registry has no networks configured (start it with a networks file)")
+        return self._book
 
     def _change_state(
         self, entry: ServiceEntry, state: ServiceState, *, reason: str, now: float | None = None
@@ -615,6 +1006,43 @@ class Registry:
         """Commit (group commit), then publish every event up to ``revision`` in order."""
         self._store.commit()
         self._events.publish(revision)
+
+
+def _instance_key(owner: str) -> InstanceKey | None:
+    service, at, host = owner.rpartition("@")
+    return (service, host) if at else None
+
+
+def _network_changes(before: NetworkConfig | None, after: NetworkConfig | None) -> dict[str, list[str]]:
+    """``{"added": [...], "removed": [...], "changed": [...]}`` (network names), empty if equal."""
+    old = {name: network.to_dict() for name, network in (before.networks.items() if before else ())}
+    new = {name: network.to_dict() for name, network in (after.networks.items() if after else ())}
+    changes = {
+        "added": [name for name in new if name not in old],
+        "removed": [name for name in old if name not in new],
+        "changed": [name for name in new if name in old and new[name] != old[name]],
+    }
+    return changes if any(changes.values()) else {}
+
+
+def _describe(networks: NetworkConfig) -> str:
+    """``production (lan 192.168.1.0/24), monitoring (wireguard 10.0.0.0/24)`` for error messages."""
+    return ", ".join(f"{n.name} ({n.type.value} {n.subnet})" for n in networks.networks.values()) or "none"
+
+
+def _shares_host(owner: str, host_id: str) -> bool:
+    """Whether ``owner`` is the host ``host_id`` itself (``allocate_ip(host, ...)``) or an instance on it:
+    the instances of one host share its address."""
+    if owner == host_id:
+        return True
+    service, at, host = owner.rpartition("@")
+    return bool(at and service and host == host_id)
+
+
+def _loopback_in(network: Network) -> str:
+    """The address a ``local`` instance gets when it gives none: the usual loopback of the subnet."""
+    usual = "127.0.0.1" if network.subnet.version == 4 else "::1"
+    return usual if network.contains(usual) else str(network.subnet.ip)
 
 
 def _drop(index: dict[str, dict[_K, Any]], outer: str, inner: _K) -> None:

@@ -81,7 +81,9 @@ def collection_root() -> Path:
 class RemoteTarget:
     """One host to deploy to, reached over SSH.
 
-    ``name`` is the instance's ``host_id`` in the registry (default: ``host``).
+    ``name`` is the instance's ``host_id`` in the registry (default: ``host``). ``network`` is
+    the configured network the instance belongs to: when ``host`` (the address SSH uses) is
+    outside it, the registry allocates the instance's address in it.
     """
 
     host: str
@@ -91,6 +93,7 @@ class RemoteTarget:
     port: int = 22
     name: str | None = None
     python: str = "/usr/bin/python3"
+    network: str | None = None
 
     def __post_init__(self) -> None:
         if not self.host or any(char.isspace() for char in self.host):
@@ -336,25 +339,28 @@ class PackageDeployer:
     # --- registry -----------------------------------------------------------------------
 
     def _entry(self, package: Package, target: RemoteTarget, state: ServiceState, version: str) -> ServiceEntry:
+        """The instance as the registry places any registration: the location from the address (a
+        configured network's, loopback is local, elsewhere LAN), or, for a target whose network
+        does not hold its SSH address, no address: the registry allocates one in that network."""
         ip = _address_of(target.host)
+        networks = self.registry.networks if self.registry is not None else self.networks
+        inside = networks.classify(ip) if networks is not None else None
+        location: Location | None = None
+        info = NetworkInfo(ip=ip)
+        if target.network is not None and (inside is None or inside.name != target.network):
+            info = NetworkInfo(network=target.network)
+        elif inside is None:
+            location = Location.LOCAL if ipaddress.ip_address(ip).is_loopback else Location.LAN
         return ServiceEntry(
             service_name=package.manifest.name,
             host_id=target.host_id,
-            location=self._location(ip),
+            location=location,
             state=state,
-            network_info=NetworkInfo(ip=ip),
+            network_info=info,
             endpoints=tuple(Endpoint(e.name, e.port, e.protocol) for e in package.manifest.endpoints),
             version=version,
             metadata={"deployed_by": "svcreg"},
         )
-
-    def _location(self, ip: str) -> Location:
-        """The configured network's type for the target's address; loopback is local; else LAN."""
-        address = ipaddress.ip_address(ip)
-        network = self.networks.classify(ip) if self.networks is not None else None
-        if network is not None:
-            return network.type
-        return Location.LOCAL if address.is_loopback else Location.LAN
 
     def _register_all(self, package: Package, targets: list[RemoteTarget], state: ServiceState) -> None:
         """Mark each target's instance ``state`` — except where this version already runs: a redeploy

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .exceptions import SubscriptionClosed, SubscriptionLagged, ValidationError
+from .model import Allocation, ServiceEntry, Topology
 from .query import ServiceQuery
 from .schema import convert
 
@@ -46,9 +47,12 @@ class EventType(enum.StrEnum):
     SERVICE_STATE_CHANGED = "ServiceStateChanged"
     NETWORK_TOPOLOGY_CHANGED = "NetworkTopologyChanged"
     ENDPOINT_CHANGED = "EndpointChanged"
+    IP_ALLOCATED = "IpAllocated"
+    IP_RELEASED = "IpReleased"
 
 
-SERVICE_EVENTS = frozenset(EventType) - {EventType.NETWORK_TOPOLOGY_CHANGED}
+ALLOCATION_EVENTS: Final = frozenset({EventType.IP_ALLOCATED, EventType.IP_RELEASED})
+SERVICE_EVENTS: Final = frozenset(EventType) - {EventType.NETWORK_TOPOLOGY_CHANGED} - ALLOCATION_EVENTS
 
 
 def parse_event_types(values: Iterable[EventType | str] | None) -> frozenset[EventType]:
@@ -68,17 +72,52 @@ class Event:
     ``data`` is JSON-able. Service events carry ``data["service"]`` (the entry after the
     change; for ``ServiceRemoved`` the entry as it was), plus ``changes`` (the names of
     the fields that changed) and ``previous`` (their old values) for updates.
+    ``IpAllocated``/``IpReleased`` carry ``data["allocation"]`` and a ``reason``;
+    ``NetworkTopologyChanged`` carries ``data["topology"]`` (and, after a reload of the
+    networks file, ``data["networks"]``: the names ``added``, ``removed``, ``changed``).
+
+    The typed views :attr:`service`, :attr:`allocation` and :attr:`topology` decode the data
+    (None when the event carries none); :attr:`subscription` is the id of the subscription it
+    was delivered for (None straight from the registry's log).
     """
 
     type: EventType
     revision: int
     data: Mapping[str, Any]
     timestamp: float
+    subscription: str | None = None
 
     @property
-    def service(self) -> Mapping[str, Any] | None:
-        """The service entry this event is about, as a dict (None for topology events)."""
+    def service_data(self) -> Mapping[str, Any] | None:
+        """The service entry this event is about in its wire form (None for other events)."""
         return self.data.get("service")
+
+    @property
+    def allocation_data(self) -> Mapping[str, Any] | None:
+        """The allocation of an ``IpAllocated``/``IpReleased`` event in its wire form."""
+        return self.data.get("allocation")
+
+    @property
+    def service(self) -> ServiceEntry | None:
+        """The service entry this event is about (None for other events)."""
+        data = self.data.get("service")
+        return ServiceEntry.from_dict(data) if data is not None else None
+
+    @property
+    def allocation(self) -> Allocation | None:
+        """The allocation of an ``IpAllocated``/``IpReleased`` event (None for other events)."""
+        data = self.data.get("allocation")
+        return Allocation.from_dict(data) if data is not None else None
+
+    @property
+    def topology(self) -> Topology | None:
+        """The topology of a ``NetworkTopologyChanged`` event (None for other events, or none detected yet)."""
+        data = self.data.get("topology")
+        return Topology.from_dict(data) if isinstance(data, Mapping) else None
+
+    def delivered(self, subscription: str) -> Event:
+        """This event as delivered for ``subscription``."""
+        return Event(self.type, self.revision, self.data, self.timestamp, subscription)
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": self.type.value, "revision": self.revision, "timestamp": self.timestamp, "data": self.data}
@@ -136,8 +175,13 @@ class Subscription:
         """Topology events carry no service: a query does not apply to them."""
         if event.type not in self.event_types:
             return False
-        service = event.service
-        return service is None or self._everything or self.query.matches(service)
+        if self._everything:
+            return True
+        service = event.service_data
+        if service is not None:
+            return self.query.matches(service)
+        allocation = event.allocation_data
+        return allocation is None or self.query.matches_allocation(allocation)
 
     def _preload(self, backlog: list[Event], last_revision: int) -> None:
         """Queue the resume backlog; it does not count against ``maxsize``."""
@@ -187,12 +231,13 @@ class Subscription:
         """How many events wait in the queue."""
         return len(self._queue)
 
-    def _take(self) -> Event | None:
-        """Pop the next event; raise if closed and drained. Caller holds the lock."""
+    def _take(self, *, shared: bool = False) -> Event | None:
+        """Pop the next event (as delivered for this subscription, or ``shared``: the log's own
+        object); raise if closed and drained. Caller holds the lock."""
         if self._queue:
             event = self._queue.popleft()
             self.last_revision = event.revision
-            return event
+            return event if shared else event.delivered(self.id)
         if self._closed_reason is not None:
             if self._lagged:
                 raise SubscriptionLagged(
@@ -236,11 +281,35 @@ class Subscription:
             if event is not None:
                 yield event
 
-    async def next_event(self) -> Event:
-        """Await the next event from asyncio or trio without blocking the loop."""
+    async def next_event(self, timeout: float | None = None) -> Event:
+        """Await the next event from asyncio or trio without blocking the loop.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed without one (None: wait forever).
+            SubscriptionLagged, SubscriptionClosed: as :meth:`get`, once drained.
+        """
+        if timeout is None:
+            return await self._next(shared=False)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # trio (the waiter below says so if it is neither)
+            import trio
+
+            with trio.move_on_after(timeout):
+                return await self._next(shared=False)
+            raise TimeoutError(f"no event within {timeout} s") from None
+        async with asyncio.timeout(timeout):
+            return await self._next(shared=False)
+
+    async def next_shared(self) -> Event:
+        """:meth:`next_event` without the per-subscription copy (``.subscription`` is None): the
+        server encodes one event once for all its subscriptions."""
+        return await self._next(shared=True)
+
+    async def _next(self, *, shared: bool) -> Event:
         while True:
             with self._cond:
-                event = self._take()
+                event = self._take(shared=shared)
                 if event is not None:
                     return event
                 waiter = self._waiter()

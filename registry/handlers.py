@@ -275,7 +275,7 @@ class Handlers:
             raise ServiceNotFound(f"service {name!r} is not registered{where}", details={"service_name": name})
         if host_id is not None:
             return candidates[0]
-        return min(candidates, key=lambda entry: (entry.state is not ServiceState.RUNNING, entry.location.distance))
+        return min(candidates, key=lambda entry: (entry.state is not ServiceState.RUNNING, entry.distance))
 
     async def list_endpoints(self, session: Session, params: PagedServiceQuery) -> Any:
         query = params.query
@@ -294,9 +294,10 @@ class Handlers:
         )
 
     async def list_networks(self, session: Session, params: Any) -> Any:
-        if self.networks is None:
+        networks = self.registry.networks
+        if networks is None:
             return []
-        return [network.to_dict() for network in self.networks.config.networks.values()]
+        return [network.to_dict() for network in networks.networks.values()]
 
     async def get_topology(self, session: Session, params: Any) -> Any:
         return {"revision": self.registry.revision, "topology": self.registry.topology()}
@@ -304,7 +305,7 @@ class Handlers:
     async def list_allocations(self, session: Session, params: PagedNetworkParams) -> Any:
         return page(
             "list_allocations",
-            self._require_networks().allocations(params.network),
+            self.registry.allocations(params.network),
             limit=params.limit,
             cursor=params.cursor,
             key=lambda allocation: (allocation.network, int(ipaddress.ip_address(allocation.ip))),
@@ -343,9 +344,8 @@ class Handlers:
                     # It lagged because it does not read: the same as any slow reader.
                     self._drop(session, f"slow reader: {self.limits.send_queue} events unread")
                     return
-                event = await subscription.next_event()
-                service = event.service
-                if service is not None and not visibility.allows(service):
+                event = await subscription.next_shared()
+                if not visibility.allows_event(event):
                     continue
                 self._send(session, encode_event(subscription.id, event))
                 self.metrics.events_sent.inc()
@@ -396,11 +396,6 @@ class Handlers:
 
     # --- writes -----------------------------------------------------------------------------
 
-    def _require_networks(self) -> NetworkManager:
-        if self.networks is None:
-            raise ValidationError("this registry has no networks configured (start it with a networks file)")
-        return self.networks
-
     async def register_service(self, session: Session, params: RegisterParams) -> Any:
         try:
             entry = ServiceEntry.from_dict(params.service)
@@ -418,12 +413,10 @@ class Handlers:
         return await asyncio.to_thread(self.registry.heartbeat, params.service_name, params.host_id)
 
     async def allocate_ip(self, session: Session, params: AllocateParams) -> Any:
-        manager = self._require_networks()
-        return await asyncio.to_thread(manager.allocate_ip, params.owner, params.network)
+        return await asyncio.to_thread(self.registry.allocate_ip, params.owner, params.network, ip=params.ip)
 
     async def release_ip(self, session: Session, params: ReleaseParams) -> Any:
-        manager = self._require_networks()
-        return await asyncio.to_thread(manager.release_ip, params.owner, params.network)
+        return await asyncio.to_thread(self.registry.release_ip, params.owner, params.network)
 
     # --- deploy jobs ------------------------------------------------------------------------
 

@@ -139,7 +139,7 @@ class DeployJobs:
                 raise NotFound(
                     f"no node named {shown(item)} in the networks file", details={"node": item[:255], "field": path}
                 )
-            _network, node = found
+            network, node = found
             variables = node.vars
             return _remote_target(
                 path,
@@ -149,6 +149,7 @@ class DeployJobs:
                 install_base=str(variables.get("install_base") or defaults.install_base),
                 port=int(variables.get("ssh_port", 22)),
                 name=node.name,
+                network=network.name,
             )
         given = item if isinstance(item, DeployTarget) else convert(item, DeployTarget, path=path)
         return _remote_target(
@@ -159,6 +160,7 @@ class DeployJobs:
             install_base=given.install_base or defaults.install_base,
             port=given.port,
             name=given.name,
+            network=given.network,
         )
 
     async def start(self, params: DeployParams | Mapping[str, Any], watcher: Listener | None = None) -> Job:

@@ -31,6 +31,9 @@ class ServerMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
             registry=self.registry,
         )
+        self.reloads = Counter(
+            "svcreg_config_reloads", "Configuration reloads (SIGHUP) by result", ["result"], registry=self.registry
+        )
         self.registry.register(RegistryCollector(registry))
 
     def render(self) -> bytes:

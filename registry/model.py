@@ -30,7 +30,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal, NoReturn, TypedDict, cast
 
 import msgspec
@@ -41,16 +41,23 @@ from .schema import FieldError, convert, shown
 
 __all__ = [
     "BOOKKEEPING_FIELDS",
+    "Allocation",
     "CONTENT_FIELDS",
     "SERVICE_FIELDS",
     "ConvertingMeta",
+    "DeployJob",
+    "DetectedNetwork",
     "Endpoint",
     "EndpointRecord",
     "InstanceKey",
     "Location",
     "NetworkInfo",
+    "NetworkSummary",
+    "Record",
     "ServiceEntry",
     "ServiceState",
+    "Topology",
+    "instance_owner",
     "validate_host_id",
     "validate_ip",
     "validate_network_name",
@@ -219,6 +226,9 @@ class ConvertingMeta(msgspec.StructMeta):
         if not fields.keys().isdisjoint(kwargs):
             raise TypeError(f"{cls.__name__} got several values for {sorted(fields.keys() & kwargs)}")
         fields.update(kwargs)
+        for name, value in fields.items():
+            if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+                fields[name] = str(value)  # NetworkInfo(ip=ipaddress.ip_address(...))
         return convert(fields, cast("type[msgspec.Struct]", cls))
 
 
@@ -245,19 +255,25 @@ class Endpoint(msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid_unk
 
 
 class NetworkInfo(msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid_unknown_fields=True):
-    """Where an instance can be reached: its IP, optional hostname and network name."""
+    """Where an instance can be reached: its IP, optional hostname and network name.
 
-    ip: str
+    On register, ``ip`` may be left out when the registry can allocate one (a ``network``
+    of ``services.yaml``, or a location with one network); a stored entry always has one.
+    ``ip`` also takes :mod:`ipaddress` objects.
+    """
+
+    ip: str | None = None
     hostname: str | None = None
     network: str | None = None
 
     def __post_init__(self) -> None:
-        canonical, problem = _canonical_ip(self.ip)
-        if problem is not None:
-            raise FieldError("ip", problem)
-        # Normalise the address ("::0001" -> "::1") so equality and lookups are exact.
-        if canonical != self.ip:
-            force_setattr(self, "ip", canonical)
+        if self.ip is not None:
+            canonical, problem = _canonical_ip(self.ip)
+            if problem is not None:
+                raise FieldError("ip", problem)
+            # Normalise the address ("::0001" -> "::1") so equality and lookups are exact.
+            if canonical != self.ip:
+                force_setattr(self, "ip", canonical)
         hostname = self.hostname
         if hostname is not None and (
             len(hostname) > 253 or not all(map(_HOSTNAME_LABEL.fullmatch, hostname.rstrip(".").split(".")))
@@ -268,12 +284,15 @@ class NetworkInfo(msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid_
 
     @property
     def address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        if self.ip is None:
+            raise ValueError("this network_info has no ip yet (the registry allocates it on register)")
         return ipaddress.ip_address(self.ip)
 
     @property
     def is_loopback(self) -> bool:
         # ip is canonical (see __post_init__): 127.0.0.0/8 is "127.*", ::1 has one spelling.
-        return self.ip.startswith("127.") or self.ip == "::1"
+        ip = self.ip
+        return ip is not None and (ip.startswith("127.") or ip == "::1")
 
     def to_dict(self) -> dict[str, Any]:
         return {"ip": self.ip, "hostname": self.hostname, "network": self.network}
@@ -292,8 +311,8 @@ class ServiceEntry(msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid
 
     service_name: str
     host_id: str
-    location: Location
-    network_info: NetworkInfo
+    location: Location | None = None
+    network_info: NetworkInfo = msgspec.field(default_factory=NetworkInfo)
     state: ServiceState = ServiceState.RUNNING
     endpoints: Annotated[tuple[Endpoint, ...], msgspec.Meta(max_length=64)] = ()
     tags: _Tags = ()
@@ -311,12 +330,14 @@ class ServiceEntry(msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid
         if not _HOST_ID.fullmatch(self.host_id):
             _broken("host_id", self.host_id, _HOST_ID_RULE)
         is_loopback = self.network_info.is_loopback
-        if self.location is Location.LOCAL and not is_loopback:
+        if self.network_info.ip is None:
+            pass  # the registry allocates the address, then checks it
+        elif self.location is Location.LOCAL and not is_loopback:
             raise FieldError(
                 "network_info.ip",
                 f"location 'local' needs a loopback address (127.0.0.0/8 or ::1), got {self.network_info.ip}",
             )
-        if self.location is not Location.LOCAL and is_loopback:
+        elif self.location is not None and self.location is not Location.LOCAL and is_loopback:
             raise FieldError(
                 "network_info.ip",
                 f"location {self.location.value!r} cannot use the loopback address {self.network_info.ip}; "
@@ -344,6 +365,19 @@ class ServiceEntry(msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid
     def key(self) -> InstanceKey:
         return (self.service_name, self.host_id)
 
+    @property
+    def ip(self) -> str:
+        """The instance's address; every entry the registry holds has one."""
+        ip = self.network_info.ip
+        if ip is None:
+            raise ValueError(f"{self.service_name}@{self.host_id} has no address yet (the registry allocates it)")
+        return ip
+
+    @property
+    def distance(self) -> int:
+        """:attr:`Location.distance` of the location (3 while it is not known yet)."""
+        return self.location.distance if self.location is not None else 3
+
     def evolve(self, **changes: Any) -> ServiceEntry:
         """A copy with some fields changed (validated again)."""
         return convert({**msgspec.structs.asdict(self), **changes}, ServiceEntry)
@@ -364,7 +398,7 @@ class ServiceEntry(msgspec.Struct, metaclass=ConvertingMeta, frozen=True, forbid
         return {
             "service_name": self.service_name,
             "host_id": self.host_id,
-            "location": self.location.value,
+            "location": self.location.value if self.location is not None else None,
             "state": self.state.value,
             "endpoints": [endpoint.to_dict() for endpoint in self.endpoints],
             "network_info": self.network_info.to_dict(),
@@ -418,6 +452,250 @@ _DEFAULTED: Final = tuple(
 )
 
 
+class Record:
+    """A typed result that still reads like the JSON object it was: ``result["ip"]``,
+    ``dict(result)`` (clients returned plain dicts before 0.2; new code uses the attributes)."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def keys(self) -> Any:
+        return self.to_dict().keys()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation(Record):
+    """An address handed to ``owner`` in ``network``; ``str()`` is the address (as the seed prints it).
+
+    An instance's own address is owned by ``"<service_name>@<host_id>"``.
+    """
+
+    owner: str
+    network: str
+    ip: str
+    prefixlen: int
+
+    def __str__(self) -> str:
+        return self.ip
+
+    @property
+    def key(self) -> str:
+        return f"{self.network}/{self.owner}"
+
+    @property
+    def address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return ipaddress.ip_address(self.ip)
+
+    @property
+    def interface(self) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+        """The address with its prefix (``192.168.1.2/24``), for an interface configuration."""
+        return ipaddress.ip_interface(f"{self.ip}/{self.prefixlen}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"owner": self.owner, "network": self.network, "ip": self.ip, "prefixlen": self.prefixlen}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Allocation:
+        return cls(str(data["owner"]), str(data["network"]), str(data["ip"]), int(data["prefixlen"]))
+
+
+@dataclass(frozen=True, slots=True)
+class DetectedNetwork(Record):
+    """One address found on one interface of this host."""
+
+    interface: str
+    location: Location
+    address: str  # ip/prefixlen as configured on the interface
+    subnet: str
+    network: str | None = None  # the configured network it belongs to
+    peers_allowed_ips: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DetectedNetwork:
+        return cls(
+            str(data["interface"]),
+            Location(data["location"]),
+            str(data["address"]),
+            str(data["subnet"]),
+            data.get("network"),
+            tuple(data.get("peers_allowed_ips") or ()),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "interface": self.interface,
+            "location": self.location.value,
+            "address": self.address,
+            "subnet": self.subnet,
+            "network": self.network,
+        }
+        if self.location is Location.WIREGUARD:
+            data["peers_allowed_ips"] = list(self.peers_allowed_ips)
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Topology(Record):
+    """What :func:`detect_topology` found; ``to_dict`` is stable for equal topologies.
+
+    ``revision`` is set on a client's ``get_topology()`` answer: the registry's revision then.
+    """
+
+    networks: tuple[DetectedNetwork, ...] = ()
+    missing: tuple[str, ...] = ()  # configured networks this host has no address in
+    warnings: tuple[str, ...] = ()
+    revision: int | None = field(default=None, compare=False)
+
+    def by_location(self, location: Location | str) -> list[DetectedNetwork]:
+        location = Location(location)
+        return [item for item in self.networks if item.location is location]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Topology:
+        """The wire form back (``get_topology``, ``NetworkTopologyChanged``)."""
+        return cls(
+            tuple(DetectedNetwork.from_dict(item) for item in data.get("networks") or ()),
+            tuple(data.get("missing") or ()),
+            tuple(data.get("warnings") or ()),
+        )
+
+    def by_network(self, name: str) -> list[DetectedNetwork]:
+        return [item for item in self.networks if item.network == name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "networks": [item.to_dict() for item in self.networks],
+            "missing": list(self.missing),
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSummary(Record):
+    """A configured network as the API shows it (``list_networks``): plain values, no netaddr."""
+
+    name: str
+    type: Location
+    subnet: str
+    gateway: str | None = None
+    nodes: tuple[Mapping[str, Any], ...] = ()
+    config_path: str | None = None
+    reserved: tuple[str, ...] = ()
+    description: str | None = None
+    release_on_remove: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.type.value} {self.subnet})"
+
+    @property
+    def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        return ipaddress.ip_network(self.subnet)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NetworkSummary:
+        return cls(
+            str(data["name"]),
+            Location(data["type"]),
+            str(data["subnet"]),
+            data.get("gateway"),
+            tuple(data.get("nodes") or ()),
+            data.get("config_path"),
+            tuple(data.get("reserved") or ()),
+            data.get("description"),
+            bool(data.get("release_on_remove", True)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "type": self.type.value,
+            "subnet": self.subnet,
+            "gateway": self.gateway,
+            "nodes": [dict(node) for node in self.nodes],
+        }
+        if self.config_path is not None:
+            data["config_path"] = self.config_path
+        if self.reserved:
+            data["reserved"] = list(self.reserved)
+        if self.description is not None:
+            data["description"] = self.description
+        if not self.release_on_remove:
+            data["release_on_remove"] = False
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class DeployJob(Record):
+    """A deploy job as the API shows it (``deploy_package``, ``get_job``, ``watch_job``, ``list_jobs``).
+
+    ``status`` is ``running``, ``succeeded``, ``failed`` or ``cancelled``; ``events`` are the
+    progress events so far (``get_job``/``watch_job`` only).
+    """
+
+    id: str
+    status: str
+    package: Mapping[str, Any]
+    targets: tuple[Mapping[str, Any], ...] = ()
+    created: float | None = None
+    finished: float | None = None
+    result: Mapping[str, Any] | None = None
+    events: tuple[Mapping[str, Any], ...] | None = None
+
+    def __str__(self) -> str:
+        return self.id
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DeployJob:
+        events = data.get("events")
+        return cls(
+            str(data["job"]),
+            str(data["status"]),
+            dict(data.get("package") or {}),
+            tuple(data.get("targets") or ()),
+            data.get("created"),
+            data.get("finished"),
+            data.get("result"),
+            tuple(events) if events is not None else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "job": self.id,
+            "status": self.status,
+            "package": dict(self.package),
+            "targets": [dict(target) for target in self.targets],
+            "created": self.created,
+            "finished": self.finished,
+            "result": self.result,
+        }
+        if self.events is not None:
+            data["events"] = list(self.events)
+        return data
+
+
+def instance_owner(service_name: str, host_id: str) -> str:
+    """The owner of an instance's address: ``"<service_name>@<host_id>"``."""
+    return f"{service_name}@{host_id}"
+
+
+def _location_of(entry: ServiceEntry) -> Location:
+    if entry.location is None:
+        raise ValueError(f"{entry.service_name}@{entry.host_id} has no location yet (the registry works it out)")
+    return entry.location
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointRecord:
     """One endpoint of one instance, flattened for discovery."""
@@ -440,9 +718,9 @@ class EndpointRecord:
                 entry.host_id,
                 endpoint.name,
                 endpoint.protocol,
-                entry.network_info.ip,
+                entry.ip,
                 endpoint.port,
-                entry.location,
+                _location_of(entry),
                 entry.state,
             )
             for endpoint in entry.endpoints

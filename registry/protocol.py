@@ -17,6 +17,7 @@ Frames::
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 from collections.abc import Callable, Collection, Mapping
@@ -40,7 +41,18 @@ from .exceptions import (
     error_from_wire,
 )
 from .frames import RequestError, read_frame, readable_id
-from .model import Endpoint, EndpointRecord, Location, NetworkInfo, ServiceEntry, ServiceState
+from .model import (
+    Allocation,
+    DeployJob,
+    Endpoint,
+    EndpointRecord,
+    Location,
+    NetworkInfo,
+    NetworkSummary,
+    ServiceEntry,
+    ServiceState,
+    Topology,
+)
 from .paging import MAX_PAGE, Page
 from .query import QUERY_FIELDS, ServiceQuery
 from .schema import convert, shown
@@ -156,13 +168,17 @@ class RegisterParams(_Params, frozen=True):
     service: dict[str, Any]
 
 
+_Owner = Annotated[str, msgspec.Meta(min_length=1, max_length=320)]  # a service name, '@', a host id
+
+
 class AllocateParams(_Params, frozen=True):
-    owner: _Name
+    owner: _Owner
     network: _Name
+    ip: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
 
 
 class ReleaseParams(_Params, frozen=True):
-    owner: _Name
+    owner: _Owner
     network: _Name | None = None
 
 
@@ -175,6 +191,9 @@ class DeployTarget(_Params, frozen=True):
     install_base: _Path | None = None
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 22
     name: _Name | None = None
+    # the configured network the instance is in, when host (the SSH address) is outside it:
+    # the registry allocates the instance's address there
+    network: _Name | None = None
 
 
 class DeployParams(_Params, frozen=True):
@@ -479,7 +498,19 @@ def _endpoints(result: Any) -> list[EndpointRecord]:
     ]
 
 
-# How the result of an action becomes typed; the others stay plain JSON values.
+def _allocations(result: Any) -> list[Allocation]:
+    return [Allocation.from_dict(item) for item in result]
+
+
+def _topology(result: Any) -> Topology:
+    """``{"revision", "topology"}``: the topology (empty while none was detected) at that revision."""
+    recorded = result["topology"]
+    topology = Topology.from_dict(recorded) if recorded is not None else Topology()
+    return dataclasses.replace(topology, revision=int(result["revision"]))
+
+
+# How the result of an action becomes typed; the others (ping, authenticate, subscribe,
+# unsubscribe) stay plain JSON values.
 _RESULTS: Final[Mapping[str, Callable[[Any], Any]]] = {
     "list_services": _entries,
     "get_service": ServiceEntry.from_dict,
@@ -488,6 +519,15 @@ _RESULTS: Final[Mapping[str, Callable[[Any], Any]]] = {
     "remove_service": ServiceEntry.from_dict,
     "set_state": ServiceEntry.from_dict,
     "heartbeat": ServiceEntry.from_dict,
+    "allocate_ip": Allocation.from_dict,
+    "release_ip": _allocations,
+    "list_allocations": _allocations,
+    "get_topology": _topology,
+    "list_networks": lambda result: [NetworkSummary.from_dict(item) for item in result],
+    "deploy_package": DeployJob.from_dict,
+    "get_job": DeployJob.from_dict,
+    "watch_job": DeployJob.from_dict,
+    "list_jobs": lambda result: [DeployJob.from_dict(item) for item in result],
 }
 
 
@@ -592,6 +632,7 @@ class ClientCodec:
                     int(message["revision"]),
                     message.get("data") or {},
                     float(message.get("timestamp", 0.0)),
+                    str(message["subscription"]),
                 )
                 return EventMessage(str(message["subscription"]), event)
             if kind == "job":

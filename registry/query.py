@@ -73,6 +73,17 @@ class ServiceQuery(
             and (self.tag is None or self.tag in tags)
         )
 
+    def matches_allocation(self, allocation: Mapping[str, Any]) -> bool:
+        """Whether an ``IpAllocated``/``IpReleased`` event's allocation is selected: by its
+        network, and by service and host when its owner is an instance (``service@host``).
+        Location, state and tag say nothing about an address: they do not filter these."""
+        if self.network is not None and allocation.get("network") != self.network:
+            return False
+        if self.service_name is None and self.host_id is None:
+            return True
+        service, at, host = str(allocation.get("owner", "")).rpartition("@")
+        return bool(at) and (self.service_name in (None, service)) and (self.host_id in (None, host))
+
     @property
     def is_everything(self) -> bool:
         return self == _EVERYTHING

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .app import RegistryApp
     from .client import BlockingClient
     from .events import Event
-    from .model import ServiceEntry
+    from .model import ServiceEntry, Topology
     from .package import Package
     from .setup import InitResult
 
@@ -27,6 +27,7 @@ __all__ = [
     "NETWORKS",
     "PACKAGE",
     "SERVICES",
+    "TOPOLOGY",
     "View",
     "describe_event",
     "emit",
@@ -43,10 +44,12 @@ Rows = list[list[str]]
 
 
 class View(NamedTuple):
-    """How a command's result becomes a table: its rows, under these headers."""
+    """How a command's result becomes a table: its rows, under these headers; ``hint`` (on
+    stderr) says why an empty answer may be empty."""
 
     rows: Callable[[Any], Rows]
     headers: list[str]
+    hint: str | None = None
 
 
 def emit(data: Any, view: View, *, as_json: bool) -> None:
@@ -57,6 +60,8 @@ def emit(data: Any, view: View, *, as_json: bool) -> None:
     rows = view.rows(data)
     if not rows:
         print("(none)")
+        if view.hint:
+            print(f"svcreg: {view.hint}", file=sys.stderr)
         return
     from rich.console import Console
     from rich.table import Table
@@ -72,9 +77,9 @@ def _service_rows(entries: ServiceEntry | list[ServiceEntry]) -> Rows:
         [
             entry.service_name,
             entry.host_id,
-            entry.location.value,
+            entry.location.value if entry.location is not None else "",
             entry.state.value,
-            entry.network_info.ip,
+            entry.network_info.ip or "",
             ", ".join(f"{e.name}:{e.port}/{e.protocol}" for e in entry.endpoints),
             str(entry.mod_revision),
         ]
@@ -88,8 +93,29 @@ def _allocation_rows(items: dict[str, Any] | list[dict[str, Any]]) -> Rows:
 
 
 def _network_rows(answer: dict[str, Any]) -> Rows:
-    """The networks of ``{"networks": [...], "topology": {...}}``."""
-    return [[n["name"], n["type"], n["subnet"], str(len(n.get("nodes", [])))] for n in answer["networks"]]
+    """The networks of ``{"networks": [...], "topology": Topology}``, each with what this host has in it."""
+    topology = answer.get("topology")
+    here: dict[str, list[str]] = {}
+    for item in topology.networks if topology is not None else ():
+        if item.network is not None:
+            here.setdefault(item.network, []).append(f"{item.address} ({item.interface})")
+    missing = set(topology.missing) if topology is not None else set()
+    rows = []
+    for network in answer["networks"]:
+        name = network["name"]
+        detected = ", ".join(here.get(name, [])) or ("not on this host" if name in missing else "-")
+        rows.append([name, network["type"], network["subnet"], str(len(network.get("nodes") or [])), detected])
+    return rows
+
+
+def _topology_rows(topology: Topology) -> Rows:
+    rows = [
+        [item.interface, item.location.value, item.address, item.network or "(not configured)"]
+        for item in topology.networks
+    ]
+    rows += [["-", "-", "-", f"{name}: no address on this host"] for name in topology.missing]
+    rows += [["-", "-", "-", f"warning: {text}"] for text in topology.warnings]
+    return rows
 
 
 def _package_rows(package: Package) -> Rows:
@@ -123,9 +149,15 @@ def _deploy_rows(result: dict[str, Any]) -> Rows:
     ]
 
 
-SERVICES = View(_service_rows, ["SERVICE", "HOST", "LOCATION", "STATE", "IP", "ENDPOINTS", "REVISION"])
+SERVICES = View(
+    _service_rows,
+    ["SERVICE", "HOST", "LOCATION", "STATE", "IP", "ENDPOINTS", "REVISION"],
+    "nothing registered is visible to this token: a read or write token sees only the instances of the "
+    "network it connects from, and local instances of its own host (an admin token sees all; docs/security.md)",
+)
 ALLOCATIONS = View(_allocation_rows, ["OWNER", "NETWORK", "IP"])
-NETWORKS = View(_network_rows, ["NETWORK", "TYPE", "SUBNET", "NODES"])
+NETWORKS = View(_network_rows, ["NETWORK", "TYPE", "SUBNET", "NODES", "ON THE REGISTRY HOST"])
+TOPOLOGY = View(_topology_rows, ["INTERFACE", "LOCATION", "ADDRESS", "NETWORK"])
 PACKAGE = View(_package_rows, ["FIELD", "VALUE"])
 DEPLOY_RESULT = View(_deploy_rows, ["HOST", "RESULT", "VERSION", "ROLLED BACK TO", "MESSAGE"])
 
@@ -166,7 +198,11 @@ def print_stopped(app: RegistryApp) -> None:
 def print_new_token(token: str, *, name: str, role: str, config_path: Path) -> None:
     """The token on stdout (for scripts), what happened on stderr."""
     print(token)
-    print(f"token {name!r} ({role}) added to {config_path}; restart svcreg serve to use it", file=sys.stderr)
+    print(
+        f"token {name!r} ({role}) added to {config_path}; a running server uses it after a reload: "
+        "kill -HUP <pid of svcreg serve> (or systemctl reload svcreg)",
+        file=sys.stderr,
+    )
 
 
 def print_deploy_result(finished: dict[str, Any], *, as_json: bool) -> None:
@@ -181,8 +217,16 @@ def print_deploy_result(finished: dict[str, Any], *, as_json: bool) -> None:
 
 
 def describe_event(event: Event) -> str:
-    service = event.service
-    subject = f"{service['service_name']}@{service['host_id']} {service['state']}" if service else ""
+    service = event.service_data
+    allocation = event.allocation_data
+    if service is not None:
+        subject = f"{service['service_name']}@{service['host_id']} {service['state']}"
+    elif allocation is not None:
+        subject = f"{allocation['ip']}/{allocation['prefixlen']} {allocation['network']} {allocation['owner']}"
+    elif event.data.get("networks"):
+        subject = ", ".join(f"{kind}: {' '.join(names)}" for kind, names in event.data["networks"].items() if names)
+    else:
+        subject = ""
     return f"{event.revision:>8}  {event.type.value:<24} {subject}"
 
 

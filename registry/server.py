@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import weakref
@@ -54,6 +55,7 @@ from .exceptions import (
 from .flow import Outbox
 from .handlers import Handlers, Principal, Session, Then
 from .metrics import ServerMetrics
+from .network.topology import detect_topology
 from .protocol import ACTIONS, Request, RequestError, decode_request, encode_error, encode_response
 from .tls import TlsServerConfig, client_identity
 
@@ -88,11 +90,13 @@ class WsServer:
         registry: the registry to serve.
         tls_config: certificates (required; there is no plaintext mode).
         tokens: the bearer tokens and their roles.
-        networks: the network manager (topology, IP allocation); optional.
+        networks: a :class:`NetworkManager` over ``registry`` whose ``detect`` finds the
+            topology (default: :func:`detect_topology` of the registry's networks). Networks
+            and addresses are the registry's own (``Registry(networks=...)``), reloaded with it.
         limits: message size, connections, subscriptions, queues, timeouts.
         registry_host: this host's id, for location-aware discovery of ``local``
             instances (default: the hostname).
-        topology_interval: with ``networks``, detect the host's topology when the server
+        topology_interval: with networks, detect the host's topology when the server
             starts and then every this many seconds; a change is recorded with
             ``registry.update_topology`` (one ``NetworkTopologyChanged`` event). None: never.
         deploys: deploy jobs (``deploy_package``, ``watch_job``, ...); None: deployment is off
@@ -134,6 +138,7 @@ class WsServer:
         self.allowed_origins = webui.normalize_origins(allowed_origins)
         self.client_default_role = client_default_role
         self._topology_task: asyncio.Task[None] | None = None
+        self._started_limits: Limits | None = None  # what serve() was given
         self._topology_failure: str | None = None  # the last detection failure, until one succeeds
         self.metrics = ServerMetrics(registry)
         self._server: Server | None = None
@@ -171,8 +176,8 @@ class WsServer:
     async def start(self, addr: str | tuple[str, int]) -> None:
         """Listen on ``addr``; with a ``topology_interval``, detect the topology first, then periodically."""
         host, port = _split_address(addr)
-        limits = self.limits
-        watch_topology = self.networks is not None and self.topology_interval is not None
+        limits = self._started_limits = self.limits
+        watch_topology = self.topology_interval is not None
         if watch_topology:
             await self.refresh_topology()
         self._server = await serve(
@@ -237,16 +242,32 @@ class WsServer:
             self._handlers.close_session(session)
         self._encoder.shutdown(wait=False, cancel_futures=True)
 
+    def reconfigure(self, *, tokens: TokenRegistry, limits: Limits) -> list[str]:
+        """Use new tokens and limits from now on (a reload). A removed token stops working for new
+        connections; connections already signed in keep their principal. Returns the limits whose
+        new value needs a restart (the WebSocket layer took them when it started listening)."""
+        started = self._started_limits or self.limits
+        restart = [
+            name for name in ("ping_interval", "ping_timeout") if getattr(limits, name) != getattr(started, name)
+        ]
+        if limits.max_message_size > started.max_message_size:
+            restart.append("max_message_size")
+        self.tokens = self._handlers.tokens = tokens
+        self.limits = self._handlers.limits = limits
+        return restart
+
     async def refresh_topology(self) -> bool:
         """Detect the host's topology now and record it; True if it changed.
 
         Never raises: a failed detection (no ``ip`` command, a timeout...) is logged as a
         warning and the last recorded topology stays.
         """
-        if self.networks is None:
+        networks = self.registry.networks
+        if networks is None:
             return False
+        detect = self.networks.detect if self.networks is not None else functools.partial(detect_topology, networks)
         try:
-            topology = await asyncio.to_thread(self.networks.detect)
+            topology = await asyncio.to_thread(detect)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # detection must never take the server down
@@ -443,7 +464,7 @@ class WsServer:
         return visibility_for(
             remote[0] if remote else None,
             principal.role,
-            self.networks.config if self.networks is not None else None,
+            self.registry.networks,
             registry_host=self.registry_host,
             hosts_with_address=self.registry.hosts_at,
         )

@@ -98,7 +98,7 @@ def add_token(config_path: str | os.PathLike[str], name: str, role: Role | str) 
     """Append a new token for ``name`` to the config file and return the plain token (show it once).
 
     The file is validated first, then rewritten atomically with mode 0600 (comments are not
-    kept). A running server picks the token up when it restarts.
+    kept). A running server picks the token up on a reload (``SIGHUP``).
 
     Raises:
         ConfigError: the file is invalid, or the name is taken.

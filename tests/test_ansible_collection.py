@@ -325,7 +325,8 @@ def test_service_module_check_diff_and_idempotence(registry: Registry, tmp_path:
     with registry.client() as client:
         entry = client.get_service("web-frontend", "remote-node")
         assert entry.state == "stopped" and entry.ttl_seconds == 300 and entry.metadata == {"owner": "test"}
-        assert [a["owner"] for a in client.list_allocations("production")] == ["remote-node"]
+        # the host's own allocation, and the instance's address (recorded when it registered on it)
+        assert [a.owner for a in client.list_allocations("production")] == ["remote-node", "web-frontend@remote-node"]
         assert client.list_services(service_name="scratch") == []
 
     second = ansible("ansible-playbook", *args, env=registry.env)

@@ -101,3 +101,109 @@ async def test_a_handled_signal_only_sets_the_flag(home: InitResult) -> None:
     finally:
         loop.remove_signal_handler(signal.SIGUSR1)
     assert app.registry is None  # nothing was started or stopped by the signal itself
+
+
+# --- reload (SIGHUP) ----------------------------------------------------------------------------------
+
+SERVICES_WITH_LAN = {
+    "networks": {
+        "local": {"type": "local", "subnet": "127.0.0.0/8"},
+        "production": {"type": "lan", "subnet": "192.168.1.0/24"},
+    }
+}
+
+
+def _reloads(app: RegistryApp, result: str) -> float:
+    assert app.server is not None
+    return app.server.metrics.reloads.labels(result)._value.get()
+
+
+async def test_a_reload_reads_tokens_limits_and_networks(home: InitResult) -> None:
+    from registry.auth import Role
+    from registry.exceptions import Unauthorized
+    from registry.setup import add_token
+
+    config = configure(home)
+    async with RegistryApp(config, config_path=home.config_path, topology_interval=None) as app:
+        assert app.registry is not None
+        late = add_token(home.config_path, "late", Role.READ)
+        with pytest.raises(Unauthorized):
+            await WsClient.connect(
+                ConnectionSettings(f"wss://{app.address}/", TlsClientConfig(ca_file=home.ca_cert), late)
+            )
+        admin = await WsClient.connect(settings(app, home))
+        events = await admin.subscribe(["NetworkTopologyChanged"])
+        (home.directory / "services.yaml").write_text(yaml.safe_dump(SERVICES_WITH_LAN))
+        data = yaml.safe_load(home.config_path.read_text())
+        data["limits"] = {"max_subscriptions_per_connection": 2}
+        home.config_path.write_text(yaml.safe_dump(data))
+        assert await app.reload() is True
+        # the new token signs in; the networks changed (one event, and list_networks says so at once)
+        reader = await WsClient.connect(
+            ConnectionSettings(f"wss://{app.address}/", TlsClientConfig(ca_file=home.ca_cert), late)
+        )
+        assert [network.name for network in await reader.list_networks()] == ["local", "production"]
+        changed = await admin.next_event(timeout=5)
+        assert changed.subscription == events and changed.data["networks"]["added"] == ["production"]
+        entry = await admin.register_service(
+            {"service_name": "web", "host_id": "h1", "network_info": {"network": "production"}}
+        )
+        assert entry.network_info.ip == "192.168.1.2"
+        assert app.server is not None and app.server.limits.max_subscriptions_per_connection == 2
+        # a removed token stops working for new connections; signed-in connections stay
+        data = yaml.safe_load(home.config_path.read_text())
+        data["tokens"] = [token for token in data["tokens"] if token["name"] != "late"]
+        home.config_path.write_text(yaml.safe_dump(data))
+        assert await app.reload() is True
+        with pytest.raises(Unauthorized):
+            await WsClient.connect(
+                ConnectionSettings(f"wss://{app.address}/", TlsClientConfig(ca_file=home.ca_cert), late)
+            )
+        assert (await reader.ping())["pong"] is True
+        assert _reloads(app, "ok") == 2 and _reloads(app, "failed") == 0
+        await reader.close()
+        await admin.close()
+
+
+async def test_a_reload_that_fails_validation_keeps_the_running_configuration(
+    home: InitResult, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = configure(home)
+    async with RegistryApp(config, config_path=home.config_path, topology_interval=None) as app:
+        good = home.config_path.read_text()
+        broken = yaml.safe_load(good)
+        broken["limits"] = {**(broken.get("limits") or {}), "send_queue": -5}
+        home.config_path.write_text(yaml.safe_dump(broken))
+        assert await app.reload() is False
+        assert (
+            "svcreg.yaml" in caplog.text
+            and "limits.send_queue" in caplog.text
+            and "running configuration stays" in caplog.text
+        )
+        home.config_path.write_text(good)
+        (home.directory / "services.yaml").write_text("networks:\n  lan1: {type: lan, subnet: 10.0.0.1/24}\n")
+        assert await app.reload() is False
+        assert "services.yaml" in caplog.text and "networks.lan1.subnet" in caplog.text
+        assert _reloads(app, "failed") == 2 and _reloads(app, "ok") == 0
+        client = await WsClient.connect(settings(app, home))  # the old tokens and networks are in use
+        assert [network.name for network in await client.list_networks()] == ["local"]
+        await client.close()
+
+
+async def test_sighup_reloads(home: InitResult) -> None:
+    config = configure(home)
+    app = RegistryApp(config, config_path=home.config_path, topology_interval=None)
+    loop = asyncio.get_running_loop()
+    app.handle_signals([signal.SIGUSR2])
+    try:
+        async with app:
+            (home.directory / "services.yaml").write_text(yaml.safe_dump(SERVICES_WITH_LAN))
+            os.kill(os.getpid(), signal.SIGHUP)
+            async with asyncio.timeout(10):
+                while _reloads(app, "ok") == 0:
+                    await asyncio.sleep(0.02)
+            assert app.registry is not None and app.registry.networks is not None
+            assert list(app.registry.networks.networks) == ["local", "production"]
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR2)
+        loop.remove_signal_handler(signal.SIGHUP)

@@ -7,6 +7,7 @@ import os
 import signal
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -292,3 +293,108 @@ def test_quiet_serve_prints_no_per_connection_lines(server: Server) -> None:
     output = server.output()
     assert "connection open" not in output and "connection closed" not in output
     assert "stopped at revision" in output
+
+
+WITH_LAN = "networks:\n  local: {type: local, subnet: 127.0.0.0/8}\n  production: {type: lan, subnet: 192.168.1.0/24}\n"
+
+
+def test_a_new_token_works_after_kill_hup_and_the_networks_reload(home: tuple[Path, dict[str, str]]) -> None:
+    path, env = home
+    server = Server(path, env)
+    server.start()
+    try:
+        token = run("token", "create", "--role", "read", "--name", "late", env=env)
+        assert "kill -HUP" in token.stderr  # reload, not restart
+        late = token.stdout.strip()
+        assert run("services", "list", "--token", late, env=env, check=False).returncode == 4
+        (path / "services.yaml").write_text(WITH_LAN)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while run("services", "list", "--token", late, env=env, check=False).returncode != 0:
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.1)
+        assert [n["name"] for n in json.loads(run("networks", "--json", env=env).stdout)["networks"]] == [
+            "local",
+            "production",
+        ]
+        # a bad file: the running configuration stays, the log names the file and the field
+        (path / "services.yaml").write_text("networks:\n  production: {type: lan, subnet: 192.168.1.1/24}\n")
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while "reload failed" not in server.output():
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.1)
+        assert "services.yaml" in server.output() and "networks.production.subnet" in server.output()
+        assert run("services", "list", "--token", late, env=env).returncode == 0
+    finally:
+        server.stop()
+
+
+def test_register_without_an_address_heartbeat_and_local_topology(home: tuple[Path, dict[str, str]]) -> None:
+    path, env = home
+    (path / "services.yaml").write_text(WITH_LAN)
+    server = Server(path, env)
+    server.start()
+    try:
+        registered = json.loads(
+            run(
+                "services",
+                "register",
+                "web",
+                "--host",
+                "h1",
+                "--network",
+                "production",
+                "--ttl",
+                "30",
+                "--json",
+                env=env,
+            ).stdout
+        )
+        assert (registered["network_info"]["ip"], registered["location"]) == ("192.168.1.2", "lan")
+        local = json.loads(
+            run("services", "register", "db", "--host", "h1", "--ip", "127.0.0.1", "--json", env=env).stdout
+        )
+        assert local["location"] == "local"  # from the address: no --location needed
+        nowhere = run("services", "register", "x", "--host", "h1", "--ip", "203.0.113.9", env=env, check=False)
+        assert nowhere.returncode == 2 and "location is required for 203.0.113.9" in nowhere.stderr
+        assert "production (lan 192.168.1.0/24)" in nowhere.stderr
+        assert json.loads(run("ip", "list", "--json", env=env).stdout) == [
+            {"owner": "web@h1", "network": "production", "ip": "192.168.1.2", "prefixlen": 24}
+        ]
+        beat = run("services", "heartbeat", "web", "--host", "h1", "--json", env=env)
+        assert json.loads(beat.stdout)["mod_revision"] == registered["mod_revision"]  # not a change
+        table = run("networks", env=env).stdout
+        assert "production" in table and "ON THE REGISTRY HOST" in table
+        here = json.loads(run("topology", "--networks", str(path / "services.yaml"), "--json", env=env).stdout)
+        assert any(item["interface"] == "lo" and item["network"] == "local" for item in here["networks"])
+        assert "production" in here["missing"]
+    finally:
+        server.stop()
+
+
+def test_watch_says_when_it_loses_and_regains_the_server_and_exits_130_on_ctrl_c(server: Server) -> None:
+    watcher = subprocess.Popen(
+        [*SVCREG, "watch", "--since", str(server.revision)],
+        env=server.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        run("services", "register", "a", "--host", "h1", "--ip", "127.0.0.1", env=server.env)
+        assert watcher.stdout is not None and watcher.stderr is not None
+        assert "ServiceRegistered" in watcher.stdout.readline()
+        server.stop()
+        closed = watcher.stderr.readline()
+        assert "closed: code 1001" in closed and "reconnecting, resuming after revision" in closed, closed
+        server.start()
+        run("services", "register", "b", "--host", "h1", "--ip", "127.0.0.1", env=server.env)
+        deadline = time.monotonic() + 20
+        while "reconnected at revision" not in (line := watcher.stderr.readline()):
+            assert time.monotonic() < deadline and line, line
+        assert "b@h1" in watcher.stdout.readline()
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(timeout=10) == 130

@@ -107,7 +107,7 @@ def test_deploy_redeploy_upgrade_and_rollbacks_on_two_hosts(hosts: list[SshHost]
         assert (entry.state.value, entry.version, entry.network_info.ip) == ("running", "1.0.0", host.ip)
         assert [(e.name, e.port) for e in entry.endpoints] == [("http", 8080)]
     events = [seen.get(timeout=1) for _ in range(4)]
-    assert [(e.type, e.service["host_id"], e.service["state"]) for e in events if e.service["host_id"] == "node0"] == [
+    assert [(e.type, e.service.host_id, e.service.state.value) for e in events if e.service.host_id == "node0"] == [
         (EventType.SERVICE_REGISTERED, "node0", "starting"),
         (EventType.SERVICE_STATE_CHANGED, "node0", "running"),
     ]
@@ -381,3 +381,43 @@ def test_cli_deploy_and_deploy_playbook_through_the_inventory(hosts: list[SshHos
             "node1": ("running", "2.0.0"),
         }
         assert entries["node1"].network_info.ip == hosts[1].ip
+
+
+def test_deployed_instances_are_placed_like_any_registration(tmp_path: Path) -> None:
+    """A node inside its network keeps its address; a target SSH reaches from outside its network gets one
+    from the registry (and keeps it on a redeploy); an address in no network is LAN, loopback local."""
+    from registry.model import ServiceState
+
+    config = NetworkConfig.from_dict(
+        {
+            "networks": {
+                "production": {
+                    "type": "lan",
+                    "subnet": "192.168.1.0/24",
+                    "nodes": [{"host": "192.168.1.10", "name": "n1"}],
+                }
+            }
+        }
+    )
+    registry = Registry(networks=config)
+    deploy = PackageDeployer(registry, networks=config, work_dir=tmp_path / "jobs")
+    package = hello(tmp_path, "1.0.0")
+    for target in (
+        RemoteTarget("192.168.1.10", name="n1", network="production"),
+        RemoteTarget("203.0.113.7", name="edge-1", network="production"),
+        RemoteTarget("198.51.100.4", name="far"),
+        RemoteTarget("127.0.0.1", name="here"),
+    ):
+        deploy._register(package, target, ServiceState.RUNNING, "1.0.0")
+    placed = {entry.host_id: (entry.location.value, entry.network_info.ip) for entry in registry.list_services()}  # type: ignore[union-attr]
+    assert placed == {
+        "n1": ("lan", "192.168.1.10"),
+        "edge-1": ("lan", "192.168.1.2"),
+        "far": ("lan", "198.51.100.4"),
+        "here": ("local", "127.0.0.1"),
+    }
+    assert [a.owner for a in registry.allocations()] == ["hello@edge-1"]
+    deploy._register(
+        package, RemoteTarget("203.0.113.7", name="edge-1", network="production"), ServiceState.RUNNING, "1.0.1"
+    )
+    assert registry.get_service("hello", "edge-1").network_info.ip == "192.168.1.2"

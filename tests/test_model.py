@@ -70,7 +70,7 @@ def test_from_dict_accepts_the_seed_example_verbatim() -> None:
         ({"location": "lan", "network_info": {"ip": "127.0.0.5"}}, "network_info.ip", "use location 'local'"),
         ({"network_info": {"ip": "127.0.0.1", "hostname": "bad_host!"}}, "network_info.hostname", "bad_host!"),
         ({"network_info": {"ip": "127.0.0.1", "netmask": "x"}}, "network_info.netmask", "netmask"),
-        ({"network_info": {}}, "network_info.ip", "required"),
+        ({"network_info": {"ip": None, "hostname": 5}}, "network_info.hostname", "must be a string"),
         ({"endpoints": [{"name": "db", "port": 0}]}, "endpoints[0].port", ">= 1, got 0"),
         ({"endpoints": [{"name": "db", "port": 65536}]}, "endpoints[0].port", "65536"),
         ({"endpoints": [{"name": "db", "port": "80"}]}, "endpoints[0].port", "'80'"),

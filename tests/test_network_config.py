@@ -240,6 +240,7 @@ def test_the_settings_struct_declares_the_documented_keys() -> None:
         "gateway",
         "reserved",
         "description",
+        "release_on_remove",
     ]
 
 

@@ -283,7 +283,8 @@ def test_event_frames() -> None:
     assert wire["event"] == "ServiceRegistered" and wire["revision"] == 42
     message = ClientCodec().decode(text)
     assert isinstance(message, EventMessage)
-    assert message.event == event
+    assert message.event == event.delivered("sub-3")
+    assert message.event.subscription == "sub-3"
     # the event's part is encoded once and shared: another subscription differs in its id only
     assert json.loads(encode_event("sub-10", event)) == dict(wire, subscription="sub-10")
     assert encode_event("sub-3", event) == text
@@ -337,7 +338,7 @@ def test_the_codec_routes_events_jobs_and_stream_errors_and_keeps_revisions() ->
     )
     assert codec.last_revision("sub-1") == 7
     event = Event(EventType.SERVICE_REGISTERED, 8, {"service": make_entry().to_dict()}, 1.5)
-    assert codec.route(encode_event("sub-1", event)) == Delivery(Route.EVENTS, "sub-1", event)
+    assert codec.route(encode_event("sub-1", event)) == Delivery(Route.EVENTS, "sub-1", event.delivered("sub-1"))
     assert codec.last_revision("sub-1") == 8
     lagged = SubscriptionLagged("slow", last_revision=8)
     lagged.details["subscription"] = "sub-1"

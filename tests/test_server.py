@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from registry import (
     Compacted,
+    Conflict,
     EventType,
     Forbidden,
     NetworkConfig,
@@ -39,7 +40,7 @@ from registry.auth import Role, TokenRegistry
 from registry.client import BlockingClient, ConnectionSettings, TrioClient, WsClient
 from registry.config import Limits
 from registry.exceptions import ConnectionFailed, InternalError
-from registry.model import Location
+from registry.model import Allocation, Location
 from registry.network import DetectedNetwork, Topology
 from registry.server import WsServer
 from registry.tls import TlsClientConfig, TlsServerConfig
@@ -49,7 +50,8 @@ from .helpers import make_entry
 NETWORKS = {
     "networks": {
         "local": {"type": "local", "subnet": "127.0.0.0/8"},
-        "production": {"type": "lan", "subnet": "192.168.1.0/24"},
+        # make_entry()'s address is a node's: instances use it, nobody holds it (tests/test_addresses.py)
+        "production": {"type": "lan", "subnet": "192.168.1.0/24", "nodes": [{"host": "192.168.1.100", "name": "n1"}]},
         "tiny": {"type": "lan", "subnet": "10.9.9.0/30"},
     }
 }
@@ -188,16 +190,32 @@ async def test_every_action(running: Running) -> None:
         assert (await client.set_state("api-server", "stopped")).state.value == "stopped"
         assert (await client.heartbeat("api-server")).service_name == "api-server"
         allocation = await client.allocate_ip("web-1", "production")
-        assert allocation == {"owner": "web-1", "network": "production", "ip": "192.168.1.2", "prefixlen": 24}
+        assert allocation == Allocation("web-1", "production", "192.168.1.2", 24) and str(allocation) == "192.168.1.2"
+        assert dict(allocation) == {"owner": "web-1", "network": "production", "ip": "192.168.1.2", "prefixlen": 24}
         assert await client.allocate_ip("web-1", "production") == allocation
-        assert await client.list_allocations() == [allocation]
+        # an instance without an address gets one, owned by the instance
+        web = await client.register_service(
+            {"service_name": "web", "host_id": "h2", "network_info": {"network": "production"}}
+        )
+        instance = Allocation("web@h2", "production", "192.168.1.3", 24)
+        assert (web.location, web.network_info.ip) == (Location.LAN, "192.168.1.3")
+        assert await client.list_allocations() == [allocation, instance]
         assert await client.release_ip("web-1") == [allocation]
-        assert [n["name"] for n in await client.list_networks()] == ["local", "production", "tiny"]
-        assert (await client.get_topology())["revision"] == running.registry.revision
-        subscription = await client.subscribe(["ServiceRemoved"])
-        removed = await client.remove_service("api-server")
+        assert (await client.allocate_ip("vip", "production", ip="192.168.1.9")).ip == "192.168.1.9"
+        networks = await client.list_networks()
+        assert [n.name for n in networks] == ["local", "production", "tiny"] and networks[1].type is Location.LAN
+        topology = await client.get_topology()
+        assert isinstance(topology, Topology) and topology.revision == running.registry.revision
+        subscription = await client.subscribe(["ServiceRemoved", "IpReleased"])
+        removed = await client.remove_service("web", "h2")
         event = await client.next_event(timeout=5)
-        assert event.type is EventType.SERVICE_REMOVED and event.revision == removed.mod_revision + 1
+        assert event.type is EventType.SERVICE_REMOVED and event.revision == running.registry.revision - 1
+        assert event.subscription == subscription and event.service == removed
+        released = await client.next_event(timeout=5)
+        assert released.type is EventType.IP_RELEASED and released.allocation == instance
+        assert released.revision == event.revision + 1 and released.data["reason"] == "removed"
+        with pytest.raises(TimeoutError):
+            await client.next_event(timeout=0.05)
         await client.unsubscribe(subscription)
 
 
@@ -438,8 +456,10 @@ async def test_blocking_client(running: Running) -> None:
             subscription = client.subscribe(["ServiceRegistered"])
             stored = client.register_service(make_entry())
             event = client.next_event(timeout=5)
-            assert event is not None and event.revision == stored.mod_revision
-            assert client.next_event(timeout=0.1) is None
+            assert event.revision == stored.mod_revision and event.subscription == subscription
+            assert event.service == stored
+            with pytest.raises(TimeoutError):
+                client.next_event(timeout=0.1)
             client.unsubscribe(subscription)
             with pytest.raises(ServiceNotFound):
                 client.get_service("ghost")
@@ -454,9 +474,57 @@ async def test_trio_client(running: Running) -> None:
             for number in range(3):
                 await client.register_service(make_entry(f"svc-{number}"))
             with trio.fail_after(5):
-                return [(await client.next_event()).revision for _ in range(3)]
+                revisions = [(await client.next_event()).revision for _ in range(3)]
+            with pytest.raises(TimeoutError):
+                await client.next_event(timeout=0.05)
+            return revisions
 
     assert await asyncio.to_thread(trio.run, scenario) == [1, 2, 3]
+
+
+async def test_address_events_reach_every_client_typed_and_as_visibility_allows(running: Running) -> None:
+    """IpAllocated/IpReleased over the wire: typed on all three clients, seen by whoever sees the network."""
+
+    async def trio_events(count: int) -> list[tuple[str, str | None, str]]:
+        async with TrioClient(running.settings("read")) as client:
+            subscription = await client.subscribe(["IpAllocated", "IpReleased"], since_revision=0)
+            with trio.fail_after(5):
+                events = [await client.next_event() for _ in range(count)]
+            return [
+                (e.type.value, e.subscription == subscription and e.allocation.owner, e.allocation.ip) for e in events
+            ]  # type: ignore[union-attr]
+
+    def blocking_events(count: int) -> list[tuple[str, str]]:
+        with BlockingClient(running.settings("read")) as client:
+            client.subscribe(["IpAllocated", "IpReleased"], since_revision=0)
+            return [(e.type.value, str(e.allocation)) for e in (client.next_event(timeout=5) for _ in range(count))]
+
+    async with await running.client("write") as writer:
+        entry = await writer.register_service(
+            {"service_name": "web", "host_id": "h1", "network_info": {"network": "production"}}
+        )
+        with pytest.raises(Conflict, match="allocated to 'web@h1'") as caught:
+            await writer.register_service(make_entry("api", "h2", ip=entry.network_info.ip))
+        assert caught.value.code == "conflict"
+        await writer.remove_service("web", "h1")
+    expected = [("IpAllocated", "web@h1", "192.168.1.2"), ("IpReleased", "web@h1", "192.168.1.2")]
+    assert await asyncio.to_thread(trio.run, trio_events, 2) == expected
+    assert await asyncio.to_thread(blocking_events, 2) == [
+        ("IpAllocated", "192.168.1.2"),
+        ("IpReleased", "192.168.1.2"),
+    ]
+    # a reader in no configured network sees no address events of a network (as it sees no instances there)
+    from registry.access import visibility_for
+
+    outsider = visibility_for(
+        "198.51.100.7", Role.READ, running.registry.networks, registry_host="r", hosts_with_address=lambda ip: ()
+    )
+    replay = running.registry.subscribe(["IpAllocated"], since_revision=0)
+    event = replay.get(timeout=1)
+    assert event is not None and not outsider.allows_event(event)
+    assert visibility_for(
+        "192.168.1.77", Role.READ, running.registry.networks, registry_host="r", hosts_with_address=lambda ip: ()
+    ).allows_event(event)
 
 
 async def test_every_client_flavour_fails_to_connect_the_same_way(running: Running) -> None:
@@ -544,7 +612,7 @@ async def test_topology_is_detected_at_start_and_changes_emit_events(
         async with await WsClient.connect(
             ConnectionSettings(f"wss://127.0.0.1:{server.port}/", pki.client_tls(), tokens[1]["read"])
         ) as client:
-            assert (await client.get_topology())["topology"] == second.to_dict()
+            assert await client.get_topology() == second
         assert registry.revision == 2  # two changes, two events: repeats and failures wrote nothing
     finally:
         await server.close()

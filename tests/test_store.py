@@ -227,6 +227,10 @@ def test_missing_store_with_create_false(tmp_path: Path) -> None:
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"directory .* does not exist"):
         SqliteStore(tmp_path / "no" / "such" / "dir" / "s.db")
+    # the library's entry point makes the folder, as the seed's with_persistence does
+    with Registry.with_persistence(tmp_path / "var" / "registry.db") as registry:
+        assert registry.revision == 0
+    assert (tmp_path / "var").stat().st_mode & 0o777 == 0o700
 
 
 def test_directory_instead_of_file(tmp_path: Path) -> None:

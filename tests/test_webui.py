@@ -607,7 +607,10 @@ def test_phone_width_and_dark_mode(server: UiServer, chromium_paths: tuple[str, 
 
 def _many(count: int, prefix: str) -> list[ServiceEntry]:
     return [
-        make_entry(f"{prefix}-{index % 50}", f"host-{index // 50}", ip=f"192.168.1.{index % 250 + 2}", tags=("bulk",))
+        # every host on an address of its own (its instances share it), as in a real network
+        make_entry(
+            f"{prefix}-{index % 50}", f"host-{index // 50}", ip=f"192.168.1.{index // 50 % 250 + 2}", tags=("bulk",)
+        )
         for index in range(count)
     ]
 

@@ -63,6 +63,8 @@ class Network:
     gateway: netaddr.IPAddress | None = None
     reserved: tuple[netaddr.IPRange, ...] = ()
     description: str | None = None
+    release_on_remove: bool = True
+    """False: an instance's address stays allocated to it after removal (a sticky address)."""
 
     def contains(self, ip: str | netaddr.IPAddress) -> bool:
         try:
@@ -103,6 +105,8 @@ class Network:
             data["reserved"] = [_range_text(item) for item in self.reserved]
         if self.description is not None:
             data["description"] = self.description
+        if not self.release_on_remove:
+            data["release_on_remove"] = False
         return data
 
 
@@ -169,6 +173,7 @@ class NetworkSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, d
     gateway: str | Literal[False] | msgspec.UnsetType | None = msgspec.UNSET
     reserved: tuple[str, ...] | None = None
     description: str | None = None
+    release_on_remove: bool = True
 
     def __post_init__(self) -> None:
         # Parsing here makes a bad value fail inside convert(), which adds the path to it.
@@ -202,7 +207,15 @@ class NetworkSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, d
         )
         config_path = Path(self.config_path) if self.config_path is not None else None
         return Network(
-            name, self.type, parsed.subnet, nodes, config_path, parsed.gateway, parsed.reserved, self.description
+            name,
+            self.type,
+            parsed.subnet,
+            nodes,
+            config_path,
+            parsed.gateway,
+            parsed.reserved,
+            self.description,
+            self.release_on_remove,
         )
 
 

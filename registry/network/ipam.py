@@ -1,51 +1,28 @@
 """IP allocation inside the configured networks.
 
-:class:`NetworkManager` hands out addresses, one per ``(owner, network)``, persisted in the
-store's ``allocations`` table. Lowest free address first; O(1) amortised (a forward cursor
-plus a heap of released addresses); thread-safe; durable when it returns.
+:class:`AddressBook` holds the addresses, one per ``(owner, network)``, persisted in the
+store's ``allocations`` table; the :class:`~registry.core.Registry` drives it (under its lock,
+with an event per change) and :class:`~registry.network.NetworkManager` is the seed's API
+over it.
 """
 
 from __future__ import annotations
 
 import heapq
-import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, Final
 
 import netaddr
 
-from ..exceptions import Conflict, NotFound, PoolExhausted, ValidationError
-from ..model import Location, validate_ip
-from ..store import MemoryStore, Store
+from ..exceptions import Conflict, PoolExhausted, ValidationError
+from ..model import Allocation, validate_ip
+from ..store import Store
 from .config import Network, NetworkConfig
-from .topology import Topology, detect_topology
 
-__all__ = ["Allocation", "NetworkManager", "validate_owner"]
+__all__ = ["AddressBook", "Allocation", "canonical_ip", "validate_owner"]
 
-_MAX_OWNER: Final = 253
+_MAX_OWNER: Final = 320  # a service name, '@', a host id
 _ALLOCATIONS: Final = "allocations"
-
-
-@dataclass(frozen=True, slots=True)
-class Allocation:
-    """An address handed to ``owner`` in ``network``."""
-
-    owner: str
-    network: str
-    ip: str
-    prefixlen: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.network}/{self.owner}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"owner": self.owner, "network": self.network, "ip": self.ip, "prefixlen": self.prefixlen}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Allocation:
-        return cls(str(data["owner"]), str(data["network"]), str(data["ip"]), int(data["prefixlen"]))
 
 
 def validate_owner(value: object) -> str:
@@ -121,37 +98,45 @@ class _Pool:
         return (self.last - self.first + 1) - reserved - len(self.used)
 
 
-class NetworkManager:
-    """IP allocation inside the configured networks, persisted in ``store``.
+class AddressBook:
+    """Who holds which address in the configured networks, over the store's ``allocations`` table.
 
-    ``allocate_ip(owner, network)`` returns the owner's address in that network, handing
-    out the lowest free one the first time. Safe from any thread; a call that returns
-    has been committed to the store.
+    Not thread-safe and never commits: its owner (:class:`~registry.core.Registry`) calls it
+    under its lock, records an event per change and commits. Addresses are handed out lowest
+    free first, O(1) amortised (a forward cursor plus a heap of released addresses). Records
+    that no longer fit the configuration are kept aside as *orphans*: never handed out again,
+    never dropped, back in use when a configuration fits them again.
     """
 
-    def __init__(self, config: NetworkConfig, store: Store | None = None) -> None:
+    def __init__(self, config: NetworkConfig, store: Store, records: Iterable[tuple[str, Any]] | None = None) -> None:
         self.config = config
-        self.store: Store = store if store is not None else MemoryStore()
-        self._lock = threading.Lock()
+        self.store = store
         self._pools = {name: _Pool(network) for name, network in config.networks.items()}
         self._by_key: dict[str, Allocation] = {}
-        self._orphans: list[dict[str, Any]] = []
-        self._load()
+        self._orphans: dict[str, dict[str, Any]] = {}
+        self._load(self.store.scan(_ALLOCATIONS) if records is None else records)
 
-    def _load(self) -> None:
+    def _load(self, records: Iterable[tuple[str, Any]]) -> None:
         # The pools' cursors start at the first address and walk past what is loaded here.
-        for key, value in self.store.scan(_ALLOCATIONS):
+        for key, value in records:
             try:
                 allocation = Allocation.from_dict(value)
             except (KeyError, TypeError, ValueError, AttributeError):
-                self._orphans.append({"key": key, "allocation": value, "reason": "unreadable record"})
+                self._orphans[key] = {"key": key, "allocation": value, "reason": "unreadable record"}
                 continue
             reason = self._misfit(allocation)
             if reason is not None:
-                self._orphans.append({"key": key, "allocation": allocation.to_dict(), "reason": reason})
+                self._orphans[key] = {"key": key, "allocation": allocation.to_dict(), "reason": reason}
                 continue
             self._pools[allocation.network].used[int(netaddr.IPAddress(allocation.ip))] = allocation.owner
             self._by_key[allocation.key] = allocation
+
+    def reconfigured(self, config: NetworkConfig) -> AddressBook:
+        """The same records under another configuration (a reload): what no longer fits becomes
+        an orphan, an orphan that fits again is back in use. Nothing is written."""
+        records: list[tuple[str, Any]] = [(a.key, a.to_dict()) for a in self._by_key.values()]
+        records.extend((key, orphan["allocation"]) for key, orphan in self._orphans.items())
+        return AddressBook(config, self.store, records)
 
     def _misfit(self, allocation: Allocation) -> str | None:
         """Why a stored allocation no longer fits the configuration (or the ones loaded before it), or None."""
@@ -167,64 +152,69 @@ class NetworkManager:
             return f"{allocation.ip} is now reserved (network, gateway, broadcast, node or reserved range)"
         return None
 
-    def detect(self, *, netns: str | None = None) -> Topology:
-        """The host's topology, matched against the configured networks."""
-        return detect_topology(self.config, netns=netns)
+    # --- reads
 
-    def allocate_ip(self, owner: str, network: str | Location, *, ip: str | None = None) -> Allocation:
-        """The owner's address in ``network`` (a name, or a location with one network).
+    def get(self, owner: str, network: str) -> Allocation | None:
+        return self._by_key.get(f"{network}/{owner}")
 
-        ``ip`` asks for a specific address; it fails with ``Conflict`` if another owner
-        has it or it is reserved.
+    def of_owner(self, owner: str) -> list[Allocation]:
+        return [allocation for name in self._pools if (allocation := self.get(owner, name)) is not None]
+
+    def holder(self, network: Network, ip: str) -> str | None:
+        """The owner of ``ip`` in ``network``, or None."""
+        return self._pools[network.name].used.get(int(netaddr.IPAddress(ip)))
+
+    def is_reserved(self, network: Network, ip: str) -> bool:
+        return self._pools[network.name].is_reserved(int(netaddr.IPAddress(ip)))
+
+    def allocations(self, network: str | None = None) -> list[Allocation]:
+        """Current allocations, ordered by network (file order) then address."""
+        items = [a for a in self._by_key.values() if network is None or a.network == network]
+        order = {name: index for index, name in enumerate(self._pools)}
+        return sorted(items, key=lambda a: (order[a.network], int(netaddr.IPAddress(a.ip))))
+
+    def owner_of(self, ip: str) -> Allocation | None:
+        network = self.config.classify(ip)
+        if network is None:
+            return None
+        owner = self._pools[network.name].used.get(int(netaddr.IPAddress(ip)))
+        return self.get(owner, network.name) if owner is not None else None
+
+    def free_count(self, network: str) -> int:
+        return self._pools[network].free_count()
+
+    def orphans(self) -> list[dict[str, Any]]:
+        return list(self._orphans.values())
+
+    # --- writes (into the store, uncommitted)
+
+    def claim(self, owner: str, network: Network, ip: str | None = None) -> Allocation:
+        """A new allocation for ``owner`` (who holds none in ``network``): ``ip``, or the lowest free.
+
+        Raises:
+            Conflict: ``ip`` is reserved or held by another owner.
+            PoolExhausted: no free address is left.
         """
-        return self.allocate_many([owner], network, ip=ip)[0]
+        pool = self._pools[network.name]
+        value = self._take_specific(pool, ip) if ip is not None else pool.take()
+        pool.used[value] = owner
+        allocation = Allocation(
+            owner, network.name, str(netaddr.IPAddress(value, network.subnet.version)), network.prefixlen
+        )
+        self._by_key[allocation.key] = allocation
+        self.store.put(_ALLOCATIONS, allocation.key, allocation.to_dict())
+        return allocation
 
-    def allocate_many(
-        self, owners: Sequence[str], network: str | Location, *, ip: str | None = None
-    ) -> list[Allocation]:
-        """Allocate for several owners with one durable commit (all or nothing)."""
-        owners = [validate_owner(owner) for owner in owners]
-        if ip is not None and len(owners) != 1:
-            raise ValidationError("a specific ip can be requested for one owner only", field="ip")
-        target = self.config.resolve(network)
-        pool = self._pools[target.name]
-        results: list[Allocation] = []
-        new: list[Allocation] = []
-        with self._lock:
-            try:
-                for owner in owners:
-                    existing = self._by_key.get(f"{target.name}/{owner}")
-                    if existing is not None:
-                        if ip is not None and existing.ip != _canonical(ip, target):
-                            raise Conflict(
-                                f"{owner!r} already holds {existing.ip} in {target.name!r}; release it first",
-                                details={"owner": owner, "network": target.name, "ip": existing.ip},
-                            )
-                        results.append(existing)
-                        continue
-                    value = self._take_specific(pool, owner, ip) if ip is not None else pool.take()
-                    pool.used[value] = owner
-                    allocation = Allocation(
-                        owner, target.name, str(netaddr.IPAddress(value, target.subnet.version)), target.prefixlen
-                    )
-                    self._by_key[allocation.key] = allocation
-                    new.append(allocation)
-                    results.append(allocation)
-                    self.store.put(_ALLOCATIONS, allocation.key, allocation.to_dict())
-            except BaseException:
-                self._undo(new)
-                raise
-        if new:
-            try:
-                self.store.commit()
-            except BaseException:
-                with self._lock:
-                    self._undo(new)
-                raise
-        return results
+    def drop(self, allocation: Allocation) -> None:
+        """Give ``allocation``'s address back."""
+        if self._by_key.pop(allocation.key, None) is None:
+            return
+        self._pools[allocation.network].give_back(int(netaddr.IPAddress(allocation.ip)))
+        self.store.delete(_ALLOCATIONS, allocation.key)
 
-    def _take_specific(self, pool: _Pool, owner: str, ip: str) -> int:
-        value = int(netaddr.IPAddress(_canonical(ip, pool.network)))
+    @staticmethod
+    def _take_specific(pool: _Pool, ip: str) -> int:
+        value = int(netaddr.IPAddress(canonical_ip(ip, pool.network)))
         if pool.is_reserved(value):
             raise Conflict(
                 f"{ip} is reserved in {pool.network.name!r} (network, gateway, broadcast, node or reserved range)",
@@ -238,70 +228,9 @@ class NetworkManager:
             )
         return value
 
-    def _undo(self, allocations: list[Allocation]) -> None:
-        for allocation in allocations:
-            pool = self._pools[allocation.network]
-            pool.give_back(int(netaddr.IPAddress(allocation.ip)))
-            self._by_key.pop(allocation.key, None)
-            self.store.delete(_ALLOCATIONS, allocation.key)
 
-    def release_ip(self, owner: str, network: str | Location | None = None) -> list[Allocation]:
-        """Release the owner's address (in ``network``, or in every network).
-
-        Returns what was released; releasing an owner without addresses returns ``[]``
-        (releasing is idempotent, like a ``state: absent``).
-        """
-        owner = validate_owner(owner)
-        names = [self.config.resolve(network).name] if network is not None else list(self._pools)
-        released: list[Allocation] = []
-        with self._lock:
-            for name in names:
-                allocation = self._by_key.pop(f"{name}/{owner}", None)
-                if allocation is None:
-                    continue
-                self._pools[name].give_back(int(netaddr.IPAddress(allocation.ip)))
-                self.store.delete(_ALLOCATIONS, allocation.key)
-                released.append(allocation)
-        if released:
-            self.store.commit()
-        return released
-
-    def get_allocation(self, owner: str, network: str | Location) -> Allocation:
-        target = self.config.resolve(network)
-        allocation = self._by_key.get(f"{target.name}/{owner}")
-        if allocation is None:
-            raise NotFound(
-                f"{owner!r} has no address in {target.name!r}", details={"owner": owner, "network": target.name}
-            )
-        return allocation
-
-    def allocations(self, network: str | Location | None = None) -> list[Allocation]:
-        """Current allocations, ordered by network then address."""
-        name = self.config.resolve(network).name if network is not None else None
-        with self._lock:
-            items = [a for a in self._by_key.values() if name is None or a.network == name]
-        order = {net: index for index, net in enumerate(self._pools)}
-        return sorted(items, key=lambda a: (order[a.network], int(netaddr.IPAddress(a.ip))))
-
-    def owner_of(self, ip: str) -> Allocation | None:
-        network = self.config.classify(ip)
-        if network is None:
-            return None
-        with self._lock:
-            owner = self._pools[network.name].used.get(int(netaddr.IPAddress(ip)))
-            return self._by_key.get(f"{network.name}/{owner}") if owner is not None else None
-
-    def free_count(self, network: str | Location) -> int:
-        target = self.config.resolve(network)
-        with self._lock:
-            return self._pools[target.name].free_count()
-
-    def orphaned_allocations(self) -> list[dict[str, Any]]:
-        """Stored allocations that no longer fit the configuration (kept, never reused)."""
-        return list(self._orphans)
-
-
-def _canonical(ip: str, network: Network) -> str:
+def canonical_ip(ip: str, network: Network) -> str:
+    """``ip`` in its canonical spelling, checked to be inside ``network``."""
     try:
         address = netaddr.IPAddress(validate_ip(ip, "ip").compressed)
     except ValidationError as exc:

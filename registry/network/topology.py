@@ -17,54 +17,10 @@ from typing import Any, Final
 import netaddr
 
 from ..exceptions import ConfigError, InternalError
-from ..model import Location
+from ..model import DetectedNetwork, Location, Topology
 from .config import Network, NetworkConfig
 
 __all__ = ["DetectedNetwork", "Topology", "WireGuardConfig", "detect_topology", "parse_wireguard_config"]
-
-
-@dataclass(frozen=True, slots=True)
-class DetectedNetwork:
-    """One address found on one interface of this host."""
-
-    interface: str
-    location: Location
-    address: str  # ip/prefixlen as configured on the interface
-    subnet: str
-    network: str | None = None  # the configured network it belongs to
-    peers_allowed_ips: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "interface": self.interface,
-            "location": self.location.value,
-            "address": self.address,
-            "subnet": self.subnet,
-            "network": self.network,
-        }
-        if self.location is Location.WIREGUARD:
-            data["peers_allowed_ips"] = list(self.peers_allowed_ips)
-        return data
-
-
-@dataclass(frozen=True, slots=True)
-class Topology:
-    """What :func:`detect_topology` found; ``to_dict`` is stable for equal topologies."""
-
-    networks: tuple[DetectedNetwork, ...]
-    missing: tuple[str, ...] = ()  # configured networks this host has no address in
-    warnings: tuple[str, ...] = ()
-
-    def by_location(self, location: Location | str) -> list[DetectedNetwork]:
-        location = Location(location)
-        return [item for item in self.networks if item.location is location]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "networks": [item.to_dict() for item in self.networks],
-            "missing": list(self.missing),
-            "warnings": list(self.warnings),
-        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,12 +9,17 @@ const TYPES = [
   "ServiceStateChanged",
   "EndpointChanged",
   "ServiceRemoved",
+  "IpAllocated",
+  "IpReleased",
   "NetworkTopologyChanged",
 ];
 const KEEP = 1000; // events kept in the page; older ones fall off the end
 
 function describe(event) {
   const service = event.data.service;
+  const allocation = event.data.allocation;
+  if (allocation) return `${allocation.ip}/${allocation.prefixlen} in ${allocation.network} for ${allocation.owner} (${event.data.reason || ""})`;
+  if (event.type === "NetworkTopologyChanged" && event.data.networks) return "the networks file was reloaded";
   if (!service) return event.type === "NetworkTopologyChanged" ? "the host's network topology changed" : "";
   const who = `${service.service_name}@${service.host_id}`;
   if (event.type === "ServiceStateChanged" && event.data.previous) return `${who}: ${event.data.previous.state} → ${service.state}`;

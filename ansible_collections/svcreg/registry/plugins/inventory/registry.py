@@ -138,7 +138,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             return AnsibleParserError(f"svcreg inventory {path}: {message}")
 
         with reported_as(failed, options["url"]), open_client(options) as client:
-            networks = client.list_networks()
+            networks = [dict(network) for network in client.list_networks()]
             services = [entry.to_dict() for entry in client.list_services()]
         return {"networks": networks, "services": services}
 

@@ -96,7 +96,7 @@ def wanted_entry(params: dict[str, Any], current: dict[str, Any] | None) -> dict
         else {
             "service_name": params["name"],
             "host_id": params["host"],
-            "location": "lan",
+            "location": None,  # the registry takes it from the address (or the network)
             "state": "running",
             "network_info": {"ip": None, "hostname": None, "network": None},
         }
@@ -106,12 +106,18 @@ def wanted_entry(params: dict[str, Any], current: dict[str, Any] | None) -> dict
         base["state"] = params["state"]
     if params.get("location") is not None:
         base["location"] = params["location"]
+    moved = params.get("ip") is not None and params["ip"] != base["network_info"].get("ip")
+    if moved and params.get("network") is None:
+        base["network_info"]["network"] = None  # a new address: the registry finds its network again
+        if params.get("location") is None:
+            base["location"] = None
     for option in ("ip", "hostname", "network"):
         if params.get(option) is not None:
             base["network_info"][option] = params[option]
-    if not base["network_info"].get("ip"):
+    if not base["network_info"].get("ip") and not base["network_info"].get("network"):
         raise ValueError(
-            "ip is required to register a new instance of %r on host %r" % (params["name"], params["host"])
+            "ip (or network, for the registry to allocate one) is required to register a new instance of %r on host %r"
+            % (params["name"], params["host"])
         )
     if params.get("endpoints") is not None:
         base["endpoints"] = [

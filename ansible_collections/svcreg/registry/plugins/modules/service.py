@@ -44,7 +44,8 @@ options:
     choices: [present, absent, starting, running, stopped, failed]
   ip:
     description:
-      - The instance's IP address. Required to register a new instance.
+      - The instance's IP address. A new instance needs O(ip) or O(network); with only O(network), the
+        registry allocates the next free address of that network for the instance.
     type: str
   hostname:
     description:
@@ -56,7 +57,8 @@ options:
     type: str
   location:
     description:
-      - Where the instance runs relative to its callers. V(lan) for a new instance when not given.
+      - Where the instance runs relative to its callers. When not given, the registry takes it from the
+        address (loopback is V(local), an address in a configured network has that network's type).
     type: str
     choices: [local, lan, wireguard]
   endpoints:

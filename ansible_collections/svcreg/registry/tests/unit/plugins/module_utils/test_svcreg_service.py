@@ -106,7 +106,7 @@ def test_absent_removes_once() -> None:
 @pytest.mark.parametrize(
     ("given", "message"),
     [
-        ({}, "ip is required to register a new instance of 'api-server'"),
+        ({}, "is required to register a new instance of 'api-server'"),
         ({"ip": "not-an-ip"}, "ip: 'not-an-ip' is not a valid IP address"),
         ({"ip": "10.0.0.1", "name": "Bad_Name"}, "name: 'Bad_Name' is invalid"),
         (
