@@ -8,15 +8,13 @@ way to install them without the internet. So the nodes get the controller's copy
 OUTDIR/svcreg-client.tar.gz, the same for every node:
     /opt/svcreg/lib/                  `registry` and the libraries it imports, from this Python's environment
                                       (and the collection's module_utils, which registry.package imports)
-    /opt/svcreg/bin/svcreg_heartbeat.py   molecule/shared/files/svcreg_heartbeat.py
-    /usr/local/bin/svcreg             the svcreg CLI
-    /usr/local/bin/svcreg-heartbeat   heartbeats for one instance until stopped
-    /usr/local/bin/svcreg-topology    this node's networks as svcreg detects them (JSON)
+    /usr/local/bin/svcreg             the svcreg CLI (`services heartbeat --every`: the heartbeat agent;
+                                      `topology`: this node's networks as svcreg detects them)
 OUTDIR/NAME.tar, one per node:
     /etc/svcreg/client.env            SVCREG_URL (--url), SVCREG_CA, SVCREG_CLIENT_CERT, SVCREG_CLIENT_KEY
     /etc/svcreg/ca.crt, client.crt, client.key   the registry's CA; the node's certificate (CN = NAME,
                                       SVCREG_HOME/clients/NAME.*, made by registry_setup.py)
-    /etc/svcreg/services.yaml         the registry's networks file (for svcreg-topology)
+    /etc/svcreg/services.yaml         the registry's networks file (for svcreg topology)
 
 Compiled extensions (cryptography, websockets' speedups) fit because node and controller are both Debian
 bookworm on the same architecture with CPython 3.11; the scenario checks that the client works on the node.
@@ -50,8 +48,6 @@ MODULES = (
     "ansible_collections.svcreg.registry.plugins.module_utils",
 )
 
-AGENT = Path(__file__).resolve().parent.parent / "files" / "svcreg_heartbeat.py"
-
 _WRAPPER = """\
 #!/bin/sh
 # {what}, with the settings in /etc/svcreg/client.env (molecule/shared/scripts/client_bundle.py).
@@ -63,12 +59,6 @@ PYTHONPATH=/opt/svcreg/lib exec python3 {run}
 
 COMMANDS = {
     "svcreg": ("The svcreg CLI", '-m registry.cli "$@"'),
-    "svcreg-heartbeat": ("Heartbeats for one instance until stopped", '/opt/svcreg/bin/svcreg_heartbeat.py "$@"'),
-    "svcreg-topology": (
-        "This node's networks as svcreg detects them (registry.network.detect_topology), as JSON",
-        "-c 'import json; from registry.network import NetworkConfig, detect_topology; "
-        'print(json.dumps(detect_topology(NetworkConfig.from_file("/etc/svcreg/services.yaml")).to_dict()))\'',
-    ),
 }
 
 
@@ -122,7 +112,7 @@ def main() -> int:
     options.outdir.mkdir(parents=True, exist_ok=True)
 
     def common(archive: tarfile.TarFile) -> None:
-        for directory in ("opt/svcreg", "opt/svcreg/lib", "opt/svcreg/bin"):
+        for directory in ("opt/svcreg", "opt/svcreg/lib"):
             _add_directory(archive, directory)
         for name in MODULES:
             *parents, _ = name.split(".")
@@ -130,7 +120,6 @@ def main() -> int:
                 _add_directory(archive, "/".join(["opt/svcreg/lib", *parents[:depth]]))
             path = _module_path(name)
             archive.add(path, arcname="/".join(["opt/svcreg/lib", *parents, path.name]), filter=_owned_by_root)
-        _add_file(archive, "opt/svcreg/bin/svcreg_heartbeat.py", AGENT.read_bytes(), 0o644)
         for command, (what, run) in COMMANDS.items():
             _add_file(archive, f"usr/local/bin/{command}", _WRAPPER.format(what=what, run=run).encode(), 0o755)
 
