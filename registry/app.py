@@ -216,20 +216,7 @@ class RegistryApp:
             log.error("reload failed, the running configuration stays: %s", exc.message)
             return False
         restart = server.reconfigure(tokens=tokens, limits=config.limits)
-        restart += [
-            key
-            for key in (
-                "listen",
-                "db",
-                "synchronous",
-                "event_retention",
-                "tls",
-                "client_default_role",
-                "deploy",
-                "allowed_origins",
-            )
-            if getattr(config, key) != getattr(self.config, key)
-        ]
+        restart += [key for key in _READ_AT_START if getattr(config, key) != getattr(self.config, key)]
         event = await asyncio.to_thread(registry.reload_networks, networks)
         if self.deploys is not None:  # deploy targets name nodes of the networks file
             self.deploys.networks = self.deploys.deployer.networks = networks
