@@ -903,13 +903,17 @@ class Registry:
             return entry, change
         held = book.get(owner, name)
         if ip is None:
+            # The address it holds; else the one it is registered on in this network (a node's own, an
+            # address from before 0.2); else the next free one.
             if held is not None:
                 ip = held.ip
+            elif old is not None and old.network_info.network == name and old.network_info.ip is not None:
+                ip = old.network_info.ip
             else:
                 change.claimed = book.claim(owner, network)
                 ip = change.claimed.ip
             entry = entry.evolve(network_info=NetworkInfo(ip, info.hostname, name))
-        elif held is None or held.ip != ip:
+        if change.claimed is None and (held is None or held.ip != ip):
             claim = False
             # A reserved address (a node's own, the gateway) is the file's: instances may use it, nobody holds it.
             if not book.is_reserved(network, ip):

@@ -98,6 +98,8 @@ def test_a_given_address_in_a_managed_network_is_recorded_and_defended(registry:
     # a node's own address (services.yaml) is the file's: used by instances, held by nobody
     node = registry.add_or_update(ServiceEntry("agent", "prod-api", network_info=NetworkInfo("192.168.1.100")))
     assert node.location is Location.LAN and registry.owner_of("192.168.1.100") is None
+    # re-registered without an address, it keeps the one it is on (no new allocation, no event)
+    assert registry.add_or_update(ServiceEntry("agent", "prod-api", Location.LAN)) == node
     assert registry.add_or_update(ServiceEntry("agent2", "elsewhere", network_info=NetworkInfo("192.168.1.100")))
 
 
