@@ -363,6 +363,8 @@ def test_register_without_an_address_heartbeat_and_local_topology(home: tuple[Pa
         assert json.loads(run("ip", "list", "--json", env=env).stdout) == [
             {"owner": "web@h1", "network": "production", "ip": "192.168.1.2", "prefixlen": 24}
         ]
+        taken = run("ip", "allocate", "thief", "production", "--ip", "192.168.1.2", env=env, check=False)
+        assert taken.returncode == 1 and "already allocated to 'web@h1'" in taken.stderr
         beat = run("services", "heartbeat", "web", "--host", "h1", "--json", env=env)
         assert json.loads(beat.stdout)["mod_revision"] == registered["mod_revision"]  # not a change
         table = run("networks", env=env).stdout
