@@ -114,6 +114,17 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def plain(data: Any) -> Any:
+    """ansible-inventory's JSON without its ``{"__ansible_unsafe": value}`` wrappers."""
+    if isinstance(data, dict):
+        if set(data) == {"__ansible_unsafe"}:
+            return data["__ansible_unsafe"]
+        return {key: plain(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [plain(item) for item in data]
+    return data
+
+
 def normalise(data: Any) -> Any:
     """Revisions and timestamps change from run to run; everything else must match exactly."""
     if isinstance(data, dict):
@@ -208,6 +219,44 @@ def test_inventory_groups_are_sanitised_and_filters_apply(seeded: Registry, tmp_
     assert "service_postgres" not in data  # stopped
     assert data["network_edge_eu"]["hosts"] == ["edge-1"]  # "edge.eu" -> a valid group name
     assert "network_local" not in data and "local" not in data
+
+
+def test_inventory_groups_every_network_and_chooses_ansible_host_the_same_way_every_time(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """A host in two networks is in both groups; ansible_host follows preferred_networks, else node address first,
+    lan before wireguard; options may be templates (here the token, from the environment)."""
+    with registry.client() as client:
+        client.register_service({"service_name": "mesh", "host_id": "multi", "network_info": {"ip": "10.0.0.40"}})
+        client.register_service({"service_name": "web", "host_id": "multi", "network_info": {"ip": "192.168.1.40"}})
+        client.register_service({"service_name": "mesh", "host_id": "edge-1", "network_info": {"ip": "10.0.0.5"}})
+        client.register_service({"service_name": "web", "host_id": "edge-1", "network_info": {"ip": "192.168.1.41"}})
+    env = dict(registry.env, SVCREG_INVENTORY_TOKEN=registry.env["SVCREG_TOKEN"], SVCREG_TOKEN="")
+    base = """\
+        plugin: svcreg.registry.registry
+        token: "{{ lookup('ansible.builtin.env', 'SVCREG_INVENTORY_TOKEN') }}"
+        services: [mesh, web]
+        group_by: [networks, locations, services, tags]
+        strict: true
+        """
+    for name in ("svcreg.yml", "registry.yaml"):  # the accepted plain names
+        source = write(tmp_path / name, base)
+        data = json.loads(ansible("ansible-inventory", "-i", str(source), "--list", env=env).stdout)
+        hostvars = plain(data["_meta"]["hostvars"])
+        assert "multi" in data["network_production"]["hosts"] and "multi" in data["network_edge_eu"]["hosts"]
+        assert "multi" in data["lan"]["hosts"] and "multi" in data["wireguard"]["hosts"]
+        assert hostvars["multi"]["ansible_host"] == "192.168.1.40"  # lan before wireguard
+        assert hostvars["multi"]["svcreg_networks"] == ["edge.eu", "production"]
+        assert hostvars["edge-1"]["ansible_host"] == "10.0.0.5"  # a node's own address first
+        assert "edge-1" in data["network_production"]["hosts"]  # its instance there puts it in the group too
+    source = write(tmp_path / "pref.svcreg.yml", base + "preferred_networks: [wireguard]\n")
+    listed = json.loads(ansible("ansible-inventory", "-i", str(source), "--list", env=env).stdout)
+    hostvars = plain(listed["_meta"]["hostvars"])
+    assert hostvars["multi"]["ansible_host"] == "10.0.0.40" and hostvars["multi"]["svcreg_network"] == "edge.eu"
+    assert hostvars["edge-1"]["ansible_host"] == "10.0.0.5"
+    with registry.client() as client:
+        for name, host in (("mesh", "multi"), ("web", "multi"), ("mesh", "edge-1"), ("web", "edge-1")):
+            client.remove_service(name, host)
 
 
 def test_inventory_pages_through_a_registry_larger_than_a_page(tmp_path: Path) -> None:
@@ -458,5 +507,29 @@ def test_collection_builds_and_installs_from_a_tarball(tmp_path: Path) -> None:
     target = tmp_path / "installed"
     # --force: the repository copy (collections_path = .) already counts as installed.
     ansible("ansible-galaxy", "collection", "install", "--force", str(tarball), "-p", str(target), env=env)
-    assert (target / "ansible_collections" / "svcreg" / "registry" / "plugins" / "inventory" / "registry.py").is_file()
+    installed = target / "ansible_collections" / "svcreg" / "registry"
+    assert (installed / "plugins" / "inventory" / "registry.py").is_file()
+    # the licenses galaxy.yml names travel with it, and it says where it comes from
+    assert "MIT License" in (installed / "LICENSE-MIT").read_text()
+    assert "Apache License" in (installed / "LICENSE-APACHE").read_text()
+    manifest = json.loads((installed / "MANIFEST.json").read_text())["collection_info"]
+    assert manifest["license"] == ["MIT", "Apache-2.0"] and "example.invalid" not in manifest["repository"]
     shutil.rmtree(target)
+
+
+def test_the_inventory_plugins_own_example_works_under_strict(seeded: Registry, tmp_path: Path) -> None:
+    import ast
+
+    source_file = REPO / "ansible_collections/svcreg/registry/plugins/inventory/registry.py"
+    module = ast.parse(source_file.read_text())
+    example = next(
+        node.value.value
+        for node in module.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "EXAMPLES"
+    )
+    config = example.replace("~/.cache/svcreg-inventory", str(tmp_path / "cache"))
+    source = write(tmp_path / "example.svcreg.yml", config)
+    env = dict(seeded.env, SVCREG_INVENTORY_TOKEN=seeded.env["SVCREG_TOKEN"])
+    data = plain(json.loads(ansible("ansible-inventory", "-i", str(source), "--list", env=env).stdout))
+    assert data["_meta"]["hostvars"]["prod-api"]["api_port"] == 8080
+    assert "tag_blue" in data and "prod-api" in data["service_api_server"]["hosts"]
