@@ -186,7 +186,7 @@ def run_service(client: Any, params: dict[str, Any], *, check_mode: bool) -> dic
         if not check_mode:
             client.remove_service(params["name"], params["host"])
         return {"changed": True, "service": {}, "diff": {"before": before, "after": {}}}
-    if current is None and check_mode and not params.get("ip"):
+    if current is None and check_mode and not params.get("ip") and not params.get("network"):
         # A play run with --check cannot have registered the instance an earlier task would
         # create; predict the change instead of failing where the real run would succeed.
         return {
@@ -201,8 +201,11 @@ def run_service(client: Any, params: dict[str, Any], *, check_mode: bool) -> dic
     after = wanted_entry(params, current)
     if after == before:
         return {"changed": False, "service": current, "diff": {"before": before, "after": after}}
-    service = after if check_mode else client.register_service(after).to_dict()
-    return {"changed": True, "service": service, "diff": {"before": before, "after": after}}
+    if check_mode:
+        return {"changed": True, "service": after, "diff": {"before": before, "after": after}}
+    # The diff shows what the registry stored (its location, allocated address, network), not the prediction.
+    service = client.register_service(after).to_dict()
+    return {"changed": True, "service": service, "diff": {"before": before, "after": _public(service)}}
 
 
 def run_service_info(client: Any, params: dict[str, Any], *, check_mode: bool = False) -> dict[str, Any]:

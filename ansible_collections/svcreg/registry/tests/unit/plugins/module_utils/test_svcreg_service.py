@@ -153,3 +153,14 @@ def test_service_info_filters_go_through_the_registrys_query() -> None:
     assert client.filters == {"service_name": "api", "state": "running"}
     with pytest.raises(ValidationError, match=r"filter\.network"):
         run_service_info(client, {"network": "x" * 300})
+
+
+def test_a_new_address_drops_the_old_network_and_the_registry_places_it() -> None:
+    current = ServiceEntry("api", "h1", Location.LAN, {"ip": "192.168.1.5", "network": "production"}).to_dict()
+    moved = wanted_entry({"name": "api", "host": "h1", "ip": "10.0.0.5"}, current)
+    assert moved["network_info"] == {"ip": "10.0.0.5", "hostname": None, "network": None}
+    assert moved["location"] is None  # from the new address, by the registry
+    same = wanted_entry({"name": "api", "host": "h1", "ip": "192.168.1.5"}, current)
+    assert same["network_info"]["network"] == "production" and same["location"] == "lan"
+    allocated = wanted_entry({"name": "web", "host": "h2", "network": "production"}, None)
+    assert allocated["network_info"] == {"ip": None, "hostname": None, "network": "production"}
