@@ -290,7 +290,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                 network_name, location = seen[0] if seen else (None, None)
             self.inventory.set_variable(host, "svcreg_network", network_name)
             self.inventory.set_variable(host, "svcreg_location", location or types.get(network_name or ""))
-            self.inventory.set_variable(host, "svcreg_networks", [name for name, _ in seen if name])
+            self.inventory.set_variable(host, "svcreg_networks", [name for name, _location in seen if name])
         strict = self.get_option("strict")
         for host in hosts:
             if "svcreg_services" not in self.inventory.get_host(host).vars:
