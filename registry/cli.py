@@ -287,6 +287,15 @@ def cmd_services_heartbeat(options: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if signal.SIGINT in stopped_by else EXIT_OK
 
 
+def _networks_and_topology(client: BlockingClient, options: argparse.Namespace) -> dict[str, Any]:
+    """``svcreg networks``: the wire's shapes, ``{"networks": [...], "topology": {"revision", "topology"}}``."""
+    topology = client.get_topology()
+    return {
+        "networks": [network.to_dict() for network in client.list_networks()],
+        "topology": {"revision": topology.revision, "topology": topology.to_dict()},
+    }
+
+
 def _detect_here(options: argparse.Namespace) -> Topology:
     """This host's topology against ``--networks`` (or the configured, or the repository's networks file)."""
     candidates = [options.networks] if options.networks else [default_config_dir() / "services.yaml", _REPO_NETWORKS]
@@ -489,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     networks = commands.add_parser("networks", help="configured networks and the detected topology")
     _one_request(
         networks,
-        lambda client, o: {"networks": client.list_networks(), "topology": client.get_topology()},
+        _networks_and_topology,
         render.NETWORKS,
     )
 

@@ -93,13 +93,14 @@ def _allocation_rows(items: dict[str, Any] | list[dict[str, Any]]) -> Rows:
 
 
 def _network_rows(answer: dict[str, Any]) -> Rows:
-    """The networks of ``{"networks": [...], "topology": Topology}``, each with what this host has in it."""
-    topology = answer.get("topology")
+    """The networks of ``{"networks": [...], "topology": {"revision", "topology"}}``, each with what the
+    registry host has in it."""
+    topology = (answer.get("topology") or {}).get("topology") or {}
     here: dict[str, list[str]] = {}
-    for item in topology.networks if topology is not None else ():
-        if item.network is not None:
-            here.setdefault(item.network, []).append(f"{item.address} ({item.interface})")
-    missing = set(topology.missing) if topology is not None else set()
+    for item in topology.get("networks") or ():
+        if item.get("network") is not None:
+            here.setdefault(item["network"], []).append(f"{item['address']} ({item['interface']})")
+    missing = set(topology.get("missing") or ())
     rows = []
     for network in answer["networks"]:
         name = network["name"]

@@ -367,6 +367,8 @@ def test_register_without_an_address_heartbeat_and_local_topology(home: tuple[Pa
         assert taken.returncode == 1 and "already allocated to 'web@h1'" in taken.stderr
         beat = run("services", "heartbeat", "web", "--host", "h1", "--json", env=env)
         assert json.loads(beat.stdout)["mod_revision"] == registered["mod_revision"]  # not a change
+        shown = json.loads(run("networks", "--json", env=env).stdout)  # the wire's shapes, as before 0.2
+        assert set(shown["topology"]) == {"revision", "topology"} and "networks" in shown["topology"]["topology"]
         table = run("networks", env=env).stdout
         assert "production" in table and "ON THE REGISTRY HOST" in table
         here = json.loads(run("topology", "--networks", str(path / "services.yaml"), "--json", env=env).stdout)
