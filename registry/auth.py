@@ -9,7 +9,7 @@ import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -93,12 +93,18 @@ class TokenEntry:
     name: str
     role: Role
     hash: str = field(repr=False)
+    sees_all: bool = False
+    """``visibility: all``: sees every instance whatever network it connects from (a read token for
+    inventories and dashboards), without the rights of an admin."""
 
     def __post_init__(self) -> None:
         _check_entry(self.name, self.role, self.hash, where="token")
 
     def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "role": self.role.label, "hash": self.hash}
+        data = {"name": self.name, "role": self.role.label, "hash": self.hash}
+        if self.sees_all:
+            data["visibility"] = "all"
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "token") -> TokenEntry:
@@ -113,7 +119,7 @@ class TokenEntry:
             raise ConfigError(f"{where}.role {stored.role!r} is not one of read, write, admin", field=f"{where}.role")
         role = Role[stored.role.upper()]
         _check_entry(stored.name, role, stored.hash, where=where)
-        return cls(stored.name, role, stored.hash)
+        return cls(stored.name, role, stored.hash, sees_all=stored.visibility == "all")
 
 
 class _StoredToken(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -122,6 +128,8 @@ class _StoredToken(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     role: str
     hash: str
+    # network (default): location-aware discovery; all: every instance (docs/security.md#roles)
+    visibility: Literal["network", "all"] = "network"
 
 
 class TokenRegistry:
@@ -144,7 +152,7 @@ class TokenRegistry:
             raise ConfigError(f"token name {entry.name!r} is used twice", field="tokens")
         self._entries[entry.name] = entry
 
-    def add(self, name: str, role: Role) -> tuple[TokenEntry, str]:
+    def add(self, name: str, role: Role, *, sees_all: bool = False) -> tuple[TokenEntry, str]:
         """Create a token for ``name``; returns the stored entry and the plain token (show it once).
 
         Raises:
@@ -153,7 +161,7 @@ class TokenRegistry:
         if name in self._entries:
             raise ConfigError(f"token name {name!r} is used twice", field="tokens")
         token = generate_token()
-        entry = TokenEntry(name, role, hash_token(token))
+        entry = TokenEntry(name, role, hash_token(token), sees_all=sees_all)
         self._insert(entry)
         return entry, token
 

@@ -162,7 +162,7 @@ def _event_loop(choice: str) -> Callable[[Any], Any]:
 
 def cmd_token_create(options: argparse.Namespace) -> int:
     config_path = _config_path(options.config)
-    token = add_token(config_path, options.name, Role.parse(options.role))
+    token = add_token(config_path, options.name, Role.parse(options.role), sees_all=options.see_all)
     render.print_new_token(token, name=options.name, role=options.role, config_path=config_path)
     return EXIT_OK
 
@@ -423,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     create = token.add_parser("create", help="add a token to the config and print it once")
     create.add_argument("--role", required=True, choices=["read", "write", "admin"])
     create.add_argument("--name", required=True)
+    create.add_argument(
+        "--see-all",
+        action="store_true",
+        help="the token sees every instance whatever network it connects from (visibility: all; for inventories)",
+    )
     create.add_argument("--config")
     create.set_defaults(handler=cmd_token_create)
 

@@ -12,6 +12,7 @@
       client_default_role: read        # optional: the role of a certificate whose CN names no token
     tokens:
       - {name: admin, role: admin, hash: "sha256:..."}
+      - {name: inventory, role: read, hash: "sha256:...", visibility: all}   # sees every instance
     limits: {max_message_size: 1048576, max_connections: 1000, ...}
     event_retention: 10000
     synchronous: FULL
@@ -152,6 +153,7 @@ class _TokenFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     role: str
     hash: str
+    visibility: Literal["network", "all"] = "network"
 
 
 class _DeploySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -72,6 +72,7 @@ class Principal:
     name: str
     role: Role
     method: str  # "token", "certificate"
+    sees_all: bool = False  # the token's visibility: all
 
 
 @dataclass(eq=False)
@@ -249,7 +250,7 @@ class Handlers:
 
     async def authenticate(self, session: Session, params: AuthenticateParams) -> Any:
         entry = self.tokens.authenticate(params.token)
-        session.principal = Principal(entry.name, entry.role, "token")
+        session.principal = Principal(entry.name, entry.role, "token", entry.sees_all)
         session.visibility = self._visibility(session.connection, session.principal)
         return {"name": entry.name, "role": entry.role.label}
 

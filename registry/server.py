@@ -330,7 +330,7 @@ class WsServer:
                 entry = self.tokens.authenticate(token.strip())
             except Unauthorized:
                 return connection.respond(401, "unauthorized: invalid token\n")
-            principal = Principal(entry.name, entry.role, "token")
+            principal = Principal(entry.name, entry.role, "token", entry.sees_all)
         else:
             principal = self._certificate_principal(connection)
         refusal = self._admission(connection, principal)
@@ -343,11 +343,12 @@ class WsServer:
         name = client_identity(connection.transport.get_extra_info("peercert"))
         if name is None:
             return None
-        role = next((entry.role for entry in self.tokens.entries if entry.name == name), self.client_default_role)
+        entry = next((entry for entry in self.tokens.entries if entry.name == name), None)
+        role = entry.role if entry is not None else self.client_default_role
         if role is None:
             log.info("client certificate %r of %s names no token entry: not signed in", name, _peer(connection))
             return None
-        return Principal(name, role, "certificate")
+        return Principal(name, role, "certificate", entry is not None and entry.sees_all)
 
     def _admission(self, connection: ServerConnection, principal: Principal | None) -> str | None:
         """Why a new connection is refused (HTTP 503), or None to let it in.
@@ -460,6 +461,8 @@ class WsServer:
     def _visibility(self, connection: ServerConnection, principal: Principal | None) -> Visibility:
         if principal is None:
             return Visibility(everything=False)
+        if principal.sees_all:  # a token with visibility: all (an inventory's, a dashboard's)
+            return Visibility(everything=True)
         remote = connection.remote_address
         return visibility_for(
             remote[0] if remote else None,

@@ -94,8 +94,9 @@ def client_environment(environ: Mapping[str, str], *, url: str | None = None) ->
 # --- tokens -------------------------------------------------------------------------------------------
 
 
-def add_token(config_path: str | os.PathLike[str], name: str, role: Role | str) -> str:
+def add_token(config_path: str | os.PathLike[str], name: str, role: Role | str, *, sees_all: bool = False) -> str:
     """Append a new token for ``name`` to the config file and return the plain token (show it once).
+    ``sees_all``: the token sees every instance (``visibility: all``), whatever its role.
 
     The file is validated first, then rewritten atomically with mode 0600 (comments are not
     kept). A running server picks the token up on a reload (``SIGHUP``).
@@ -108,7 +109,7 @@ def add_token(config_path: str | os.PathLike[str], name: str, role: Role | str) 
     raw = read_config_data(path)
     tokens = ServerConfig.from_file(path).tokens
     try:
-        entry, token = tokens.add(name, role if isinstance(role, Role) else Role.parse(role))
+        entry, token = tokens.add(name, role if isinstance(role, Role) else Role.parse(role), sees_all=sees_all)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc.message}", field=exc.field) from None
     raw["tokens"] = [*(raw.get("tokens") or []), entry.to_dict()]

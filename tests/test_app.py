@@ -207,3 +207,40 @@ async def test_sighup_reloads(home: InitResult) -> None:
     finally:
         loop.remove_signal_handler(signal.SIGUSR2)
         loop.remove_signal_handler(signal.SIGHUP)
+
+
+async def test_a_token_with_visibility_all_sees_every_instance_without_admin_rights(home: InitResult) -> None:
+    from registry.auth import Role
+    from registry.exceptions import Forbidden
+    from registry.setup import add_token
+
+    configure(home, networks="services.yaml")
+    (home.directory / "services.yaml").write_text(yaml.safe_dump(SERVICES_WITH_LAN))
+    async with RegistryApp(
+        ServerConfig.from_file(home.config_path), config_path=home.config_path, topology_interval=None
+    ) as app:
+        admin = await WsClient.connect(settings(app, home))
+        # a local instance of another host: from the registry host, a plain read token does not see it
+        await admin.register_service(
+            {"service_name": "db", "host_id": "elsewhere", "network_info": {"ip": "127.0.0.1"}}
+        )
+        plain = add_token(home.config_path, "plain", Role.READ)
+        inventory = add_token(home.config_path, "inventory", Role.READ, sees_all=True)
+        assert "visibility: all" in home.config_path.read_text()
+        assert await app.reload() is True
+
+        def as_token(token: str) -> ConnectionSettings:
+            return ConnectionSettings(f"wss://{app.address}/", TlsClientConfig(ca_file=home.ca_cert), token)
+
+        reader = await WsClient.connect(as_token(plain))
+        seer = await WsClient.connect(as_token(inventory))
+        assert await reader.list_services() == []
+        assert [entry.host_id for entry in await seer.list_services()] == ["elsewhere"]
+        with pytest.raises(Forbidden):  # still a read token
+            await seer.register_service(make_entry("x"))
+        for client in (admin, reader, seer):
+            await client.close()
+    bad = yaml.safe_load(home.config_path.read_text())
+    bad["tokens"][-1]["visibility"] = "everything"
+    with pytest.raises(ConfigError, match=r"tokens\[\d+\]\.visibility"):
+        ServerConfig.from_dict(bad, base_dir=home.directory)

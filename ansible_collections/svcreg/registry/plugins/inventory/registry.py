@@ -28,7 +28,8 @@ description:
   - "What the inventory shows depends on the token's role and on the controller's address: a C(read) or
     C(write) token sees only the instances of the network the controller connects from (and local instances
     of the controller's host), an C(admin) token sees every instance (location-aware discovery, see the
-    collection README). Nodes of the networks file are always listed."
+    collection README). Nodes of the networks file are always listed. A token made with
+    C(svcreg token create --role read --see-all) sees every instance without write rights."
   - >-
     The connection options (O(url), O(token), O(ca_cert), ...) may be templates, for example a lookup
     C(token: "{{ lookup('ansible.builtin.env', 'MY_TOKEN') }}") or a vaulted value.
