@@ -127,7 +127,7 @@ def wanted_entry(params: dict[str, Any], current: dict[str, Any] | None) -> dict
     if params.get("tags") is not None:
         base["tags"] = list(params["tags"])
     if params.get("metadata") is not None:
-        base["metadata"] = {str(key): value for key, value in params["metadata"].items()}
+        base["metadata"] = {str(key): _metadata_value(value) for key, value in params["metadata"].items()}
     for option, field in (("ttl", "ttl_seconds"), ("deregister_after", "deregister_after_seconds")):
         if params.get(option) is not None:
             base[field] = params[option]
@@ -150,6 +150,16 @@ _FIELD_OPTIONS = {
     "ttl_seconds": "ttl",
     "deregister_after_seconds": "deregister_after",
 }
+
+
+def _metadata_value(value: Any) -> Any:
+    """Metadata values are strings; YAML numbers and booleans (``replicas: 3``) become their text, as in
+    ``-e``; anything else is left for the model to refuse by name."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
 
 
 def _option_message(exc: Any) -> str:

@@ -87,7 +87,8 @@ options:
     elements: str
   metadata:
     description:
-      - String keys and string values; replaces the current metadata.
+      - String keys and string values; replaces the current metadata. Numbers and booleans are turned into
+        their text (V(3), V(true)); other values (lists, mappings) are refused by name.
     type: dict
   ttl:
     description:

@@ -164,3 +164,11 @@ def test_a_new_address_drops_the_old_network_and_the_registry_places_it() -> Non
     assert same["network_info"]["network"] == "production" and same["location"] == "lan"
     allocated = wanted_entry({"name": "web", "host": "h2", "network": "production"}, None)
     assert allocated["network_info"] == {"ip": None, "hostname": None, "network": "production"}
+
+
+def test_metadata_numbers_and_booleans_become_strings_other_values_are_named() -> None:
+    params = {"name": "api", "host": "h", "ip": "10.0.0.1", "location": "lan"}
+    entry = wanted_entry({**params, "metadata": {"replicas": 3, "canary": True, "ratio": 0.5}}, None)
+    assert entry["metadata"] == {"replicas": "3", "canary": "true", "ratio": "0.5"}
+    with pytest.raises(ValueError, match=r"metadata\.owners: must be a string"):
+        wanted_entry({**params, "metadata": {"owners": ["a", "b"]}}, None)
