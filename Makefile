@@ -83,6 +83,7 @@ bench: $(INSTALLED) system-deps
 	@$(PY) -c 'import aetcd' 2>/dev/null || $(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_server.py --runs 3
+	$(PY) bench/bench_inventory.py --services 2000 --runs 3
 	$(PY) bench/bench_deploy.py
 
 clean:
