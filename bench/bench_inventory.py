@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from bench_webui import svcreg_server
 
 from registry.client import BlockingClient
@@ -102,6 +103,7 @@ def main() -> None:
 def _plugin_parts(settings: object) -> tuple[float, float]:
     from ansible.inventory.data import InventoryData
 
+    from ansible_collections.svcreg.registry.plugins.inventory import registry as inventory_plugin
     from ansible_collections.svcreg.registry.plugins.inventory.registry import InventoryModule
 
     started = time.perf_counter()
@@ -113,20 +115,10 @@ def _plugin_parts(settings: object) -> tuple[float, float]:
     fetched = time.perf_counter() - started
     plugin = InventoryModule()
     plugin.inventory = InventoryData()
-    defaults = {
-        "networks": [],
-        "locations": [],
-        "services": [],
-        "states": [],
-        "tags": [],
-        "service_hosts": True,
-        "preferred_networks": [],
-        "group_by": ["networks", "locations", "services"],
-        "strict": False,
-        "compose": {},
-        "groups": {},
-        "keyed_groups": [],
-    }
+    # the plugin's own option defaults (its DOCUMENTATION), plus those of the constructed fragment it extends
+    documented = yaml.safe_load(inventory_plugin.DOCUMENTATION)["options"]
+    defaults = {name: spec.get("default") for name, spec in documented.items()}
+    defaults.update(strict=False, compose={}, groups={}, keyed_groups=[])
     plugin.get_option = defaults.__getitem__  # type: ignore[method-assign]
     started = time.perf_counter()
     plugin._populate(data)
