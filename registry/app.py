@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Final
 from . import __version__
 from .config import DeployConfig, ServerConfig
 from .core import Registry
-from .exceptions import ConfigError
+from .exceptions import ConfigError, RegistryError
 from .model import Endpoint, Location, NetworkInfo, ServiceEntry
 from .network import NetworkConfig, detect_topology
 
@@ -217,7 +217,12 @@ class RegistryApp:
             return False
         restart = server.reconfigure(tokens=tokens, limits=config.limits)
         restart += [key for key in _READ_AT_START if getattr(config, key) != getattr(self.config, key)]
-        event = await asyncio.to_thread(registry.reload_networks, networks)
+        try:
+            event = await asyncio.to_thread(registry.reload_networks, networks)
+        except RegistryError as exc:  # the store refused the event: tokens and limits are in use, networks not
+            server.metrics.reloads.labels("failed").inc()
+            log.error("reload: tokens and limits are in use, the networks file is not: %s", exc.message)
+            return False
         if self.deploys is not None:  # deploy targets name nodes of the networks file
             self.deploys.networks = self.deploys.deployer.networks = networks
         self.config = config
