@@ -56,6 +56,7 @@ from .model import (
     ServiceEntry,
     ServiceState,
     instance_owner,
+    owner_instance,
     validate_host_id,
     validate_service_name,
 )
@@ -534,7 +535,7 @@ class Registry:
             book = self._require_book()
             held = [book.get(owner, book.config.resolve(network).name)] if network is not None else book.of_owner(owner)
             released = [allocation for allocation in held if allocation is not None]
-            key = _instance_key(owner)
+            key = owner_instance(owner)
             instance = self._services.get(key) if key is not None else None
             for allocation in released:
                 if (
@@ -1012,11 +1013,6 @@ class Registry:
         self._events.publish(revision)
 
 
-def _instance_key(owner: str) -> InstanceKey | None:
-    service, at, host = owner.rpartition("@")
-    return (service, host) if at else None
-
-
 def _network_changes(before: NetworkConfig | None, after: NetworkConfig | None) -> dict[str, list[str]]:
     """``{"added": [...], "removed": [...], "changed": [...]}`` (network names), empty if equal."""
     old = {name: network.to_dict() for name, network in (before.networks.items() if before else ())}
@@ -1039,8 +1035,8 @@ def _shares_host(owner: str, host_id: str) -> bool:
     the instances of one host share its address."""
     if owner == host_id:
         return True
-    service, at, host = owner.rpartition("@")
-    return bool(at and service and host == host_id)
+    instance = owner_instance(owner)
+    return instance is not None and bool(instance[0]) and instance[1] == host_id
 
 
 def _loopback_in(network: Network) -> str:

@@ -1,5 +1,5 @@
-"""The server's actions: one handler per protocol action, thin over Registry, NetworkManager
-and DeployJobs. No sockets here: a handler gets the connection's :class:`Session` and the
+"""The server's actions: one handler per protocol action, thin over Registry (services,
+addresses, networks) and DeployJobs. No sockets here: a handler gets the connection's :class:`Session` and the
 request's params, already checked (:func:`registry.protocol.decode_request`), and returns
 the result; :class:`WsServer <registry.server.WsServer>` does the transport.
 """
@@ -58,7 +58,6 @@ from .query import ServiceQuery
 
 if TYPE_CHECKING:
     from .jobs import DeployJobs, Job
-    from .network import NetworkManager
 
 __all__ = ["Handlers", "Principal", "RegisterBatcher", "Session", "Then"]
 
@@ -191,7 +190,6 @@ class Handlers:
         registry: Registry,
         *,
         tokens: TokenRegistry,
-        networks: NetworkManager | None,
         deploys: DeployJobs | None,
         limits: Limits,
         metrics: ServerMetrics,
@@ -202,7 +200,6 @@ class Handlers:
     ) -> None:
         self.registry = registry
         self.tokens = tokens
-        self.networks = networks
         self.deploys = deploys
         self.limits = limits
         self.metrics = metrics

@@ -58,6 +58,7 @@ __all__ = [
     "ServiceState",
     "Topology",
     "instance_owner",
+    "owner_instance",
     "validate_host_id",
     "validate_ip",
     "validate_network_name",
@@ -688,6 +689,13 @@ class DeployJob(Record):
 def instance_owner(service_name: str, host_id: str) -> str:
     """The owner of an instance's address: ``"<service_name>@<host_id>"``."""
     return f"{service_name}@{host_id}"
+
+
+def owner_instance(owner: str) -> InstanceKey | None:
+    """:func:`instance_owner` read back: ``(service_name, host_id)``, or None for an owner that names no
+    instance (no ``@``)."""
+    service, at, host = owner.rpartition("@")
+    return (service, host) if at else None
 
 
 def _location_of(entry: ServiceEntry) -> Location:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
-from .model import ConvertingMeta, Location, ServiceEntry, ServiceState
+from .model import ConvertingMeta, Location, ServiceEntry, ServiceState, owner_instance
 from .schema import convert
 
 __all__ = ["QUERY_FIELDS", "ServiceQuery"]
@@ -81,8 +81,8 @@ class ServiceQuery(
             return False
         if self.service_name is None and self.host_id is None:
             return True
-        service, at, host = str(allocation.get("owner", "")).rpartition("@")
-        return bool(at) and (self.service_name in (None, service)) and (self.host_id in (None, host))
+        instance = owner_instance(str(allocation.get("owner", "")))
+        return instance is not None and self.service_name in (None, instance[0]) and self.host_id in (None, instance[1])
 
     @property
     def is_everything(self) -> bool:

@@ -151,7 +151,6 @@ class WsServer:
         self._handlers = Handlers(
             registry,
             tokens=tokens,
-            networks=networks,
             deploys=deploys,
             limits=self.limits,
             metrics=self.metrics,
